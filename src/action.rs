@@ -1,0 +1,184 @@
+//! Actions and their server-side meta, as stored in the log and routed by the hub.
+//!
+//! An action is any JSON object with a string `type`. Its meta holds the Logux action id
+//! (`"<ms> <nodeId> <seq>"`), the creation time on the server's clock, and the server-only
+//! routing keys (`channels`, `users`, `clients`, `nodes`, `exclude_clients`) that never travel
+//! on the wire.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+
+/// A parsed Logux protocol 5 action id: `"<ms> <nodeId> <seq>"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ActionId {
+    /// Milliseconds on the creating node's own clock (never corrected by time fix).
+    pub ms: i64,
+    /// The node that created the action: `"<userId>:<clientId>:<tabId>"` or `"server:<id>"`.
+    pub node: String,
+    /// Sequence number that grows while the creating node's clock stands still.
+    pub seq: u64,
+}
+
+impl ActionId {
+    /// Parses `"<ms> <nodeId> <seq>"`. Returns `None` for anything else.
+    pub fn parse(text: &str) -> Option<ActionId> {
+        let mut parts = text.split(' ');
+        let ms = parts.next()?.parse::<i64>().ok()?;
+        let node = parts.next()?;
+        let seq = parts.next()?.parse::<u64>().ok()?;
+        if node.is_empty() || parts.next().is_some() {
+            return None;
+        }
+        Some(ActionId {
+            ms,
+            node: node.to_owned(),
+            seq,
+        })
+    }
+
+    /// The client id part of the node id (`"<userId>:<random>"`, see `NodeIds`).
+    pub fn client_id(&self) -> &str {
+        NodeIds::client_id_of(&self.node)
+    }
+}
+
+impl fmt::Display for ActionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.ms, self.node, self.seq)
+    }
+}
+
+/// The ids derived from a node id, exactly as Logux's `parseId` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeIds {
+    /// The full node id, `"<userId>:<clientId>:<tabId>"`.
+    pub node_id: String,
+    /// `"<userId>:<clientId>"`: one browser profile or app install.
+    pub client_id: String,
+    /// The user id, absent when the node id has no `:`.
+    pub user_id: Option<String>,
+}
+
+impl NodeIds {
+    /// Splits a node id (or a whole action id) like Logux's `parseId`.
+    pub fn parse(text: &str) -> NodeIds {
+        let node = match text.split_once(' ') {
+            Some((_, rest)) => rest.split(' ').next().unwrap_or(rest),
+            None => text,
+        };
+        let mut parts = node.split(':');
+        let first = parts.next().unwrap_or_default();
+        match parts.next() {
+            None => NodeIds {
+                node_id: node.to_owned(),
+                client_id: node.to_owned(),
+                user_id: None,
+            },
+            Some(second) => NodeIds {
+                node_id: node.to_owned(),
+                client_id: format!("{first}:{second}"),
+                user_id: Some(first.to_owned()),
+            },
+        }
+    }
+
+    /// The client id of a node id without allocating.
+    pub fn client_id_of(node: &str) -> &str {
+        match node.match_indices(':').nth(1) {
+            Some((index, _)) => &node[..index],
+            None => node,
+        }
+    }
+}
+
+/// Server-side meta of a stored action.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// The Logux action id, `"<ms> <nodeId> <seq>"`.
+    pub id: String,
+    /// Creation time in ms on the server's clock.
+    pub time: i64,
+    /// Application subprotocol of the author.
+    #[serde(default)]
+    pub subprotocol: u32,
+    /// Position in the server log, assigned by the log on append; 0 before that.
+    #[serde(default)]
+    pub added: u64,
+    /// Channels the action is re-sent to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channels: Vec<String>,
+    /// Users whose connections get the action.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Client ids (`"<userId>:<random>"`) that get the action.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<String>,
+    /// Node ids that get the action.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Client ids that never get the action through `users` or `channels`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_clients: Vec<String>,
+}
+
+/// One action with its meta: the unit the log stores and the hub routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The action object; always has a string `type`.
+    pub action: Value,
+    /// Its meta.
+    pub meta: Meta,
+}
+
+impl Entry {
+    /// The action's `type`, or `""` when missing (never the case for validated actions).
+    pub fn action_type(&self) -> &str {
+        self.action
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// The client id of the node that created the action.
+    pub fn author_client_id(&self) -> &str {
+        let node = self.meta.id.split(' ').nth(1).unwrap_or_default();
+        NodeIds::client_id_of(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints_action_ids() {
+        let id = ActionId::parse("1795423671243 10:cWLyMz54:YOQOLqeW 3").expect("valid id");
+        assert_eq!(id.ms, 1795423671243);
+        assert_eq!(id.node, "10:cWLyMz54:YOQOLqeW");
+        assert_eq!(id.seq, 3);
+        assert_eq!(id.client_id(), "10:cWLyMz54");
+        assert_eq!(id.to_string(), "1795423671243 10:cWLyMz54:YOQOLqeW 3");
+    }
+
+    #[test]
+    fn rejects_malformed_action_ids() {
+        for bad in ["", "1 a", "x a 0", "1 a b", "1  0", "1 a 0 extra", "1 a -1"] {
+            assert_eq!(ActionId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn derives_ids_like_logux_parse_id() {
+        let full = NodeIds::parse("10:abc:tab");
+        assert_eq!(full.client_id, "10:abc");
+        assert_eq!(full.user_id.as_deref(), Some("10"));
+        let two = NodeIds::parse("10:abc");
+        assert_eq!(two.client_id, "10:abc");
+        let anon = NodeIds::parse("anon");
+        assert_eq!(anon.client_id, "anon");
+        assert_eq!(anon.user_id, None);
+        let from_action = NodeIds::parse("1 10:abc:tab 0");
+        assert_eq!(from_action.node_id, "10:abc:tab");
+    }
+}

@@ -1,0 +1,762 @@
+//! The configuration file (`ferry.toml`).
+//!
+//! Every key is optional. The file is parsed into private serde structs that reject unknown
+//! keys (so a typo is an error naming the key instead of a silently ignored setting), then
+//! converted into the public types below and validated. The channel and type rules are
+//! compiled once by [`crate::rules::Rules::new`] during loading, so a bad pattern or template
+//! is reported when the server starts, not on the first matching action.
+//!
+//! See `docs/configuration.md` for the reference of every key.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Address the server listens on when `listen` is absent: loopback only, so a forgotten
+/// config never exposes a development server to the network.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:31337";
+/// Directory of the action log when `data_dir` is absent (relative to the working directory).
+pub const DATA_DIR_DEFAULT: &str = "ferry-data";
+/// The application subprotocol announced in `connected` when `subprotocol` is absent.
+pub const SUBPROTOCOL_DEFAULT: u32 = 1;
+/// Oldest client subprotocol accepted when `min_subprotocol` is absent: every client.
+pub const MIN_SUBPROTOCOL_DEFAULT: u32 = 0;
+/// Largest accepted WebSocket frame: 64 MiB, because clients send their whole offline
+/// backlog in one `sync` frame after reconnecting.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
+/// Most `[action, meta]` pairs accepted in one `sync` message.
+pub const SYNC_PAIRS_MAX_DEFAULT: usize = 1_000_000;
+/// Most past actions re-sent to a client when it subscribes to a channel.
+pub const SUBSCRIBE_HISTORY_MAX_DEFAULT: usize = 1000;
+/// Most missed actions sent to a client in the catch-up after `connect`.
+pub const CONNECT_CATCHUP_MAX_DEFAULT: usize = 100_000;
+/// Time a new connection has to finish the `connect` handshake.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 20_000;
+/// Time without any incoming message (Logux clients ping every 10 s by default) before the
+/// connection is dropped.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 75_000;
+/// Messages queued for one slow client before it is disconnected instead of growing memory.
+pub const OUTBOX_LEN_DEFAULT: usize = 4096;
+/// Simultaneous connections accepted; more are refused to keep file descriptors available.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 19_000;
+/// The user id of the server's own node, which no client may authenticate as (Logux rule).
+pub const SERVER_USER_ID: &str = "server";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file that was asked for, to name it in the message.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or a value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// `development` sends `headers`/`debug` to clients; `production` does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Env {
+    /// Helpful errors are sent to clients (the default).
+    Development,
+    /// Internal details stay on the server.
+    Production,
+}
+
+/// Access vocabulary shared by channels and types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Every authenticated user.
+    Anyone,
+    /// Nobody.
+    Nobody,
+    /// Channels: the named pattern parameter must equal the user id.
+    Param(String),
+    /// Types: the named action field must equal the user id.
+    Field(String),
+}
+
+/// `[auth]`. Holds secrets, so its `Debug` output masks them as `"***"`.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// A static token per user id, for small deployments and tests.
+    pub tokens: HashMap<String, String>,
+    /// One token accepted for every user id, for trusted environments (demo, internal tools).
+    pub any_user_token: Option<String>,
+    /// The shared secret of HS256 JWTs issued by the application's own backend.
+    pub jwt_hs256_secret: Option<String>,
+    /// Accept every user with any token or none: only the built-in demo rules set this; it
+    /// cannot be written in a configuration file.
+    pub allow_anyone: bool,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut users: Vec<&String> = self.tokens.keys().collect();
+        users.sort();
+        let tokens: Vec<(&String, &str)> = users.into_iter().map(|u| (u, "***")).collect();
+        f.debug_struct("AuthConfig")
+            .field("tokens", &tokens)
+            .field(
+                "any_user_token",
+                &self.any_user_token.as_ref().map(|_| "***"),
+            )
+            .field(
+                "jwt_hs256_secret",
+                &self.jwt_hs256_secret.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
+
+/// `[[channels]]`.
+#[derive(Debug, Clone)]
+pub struct ChannelRule {
+    /// Which channels the rule covers: `/`-separated literal segments, `:name` parameters
+    /// (one non-empty segment) and an optional final `*` (the rest, including `/`).
+    pub pattern: String,
+    /// Who may subscribe to a matching channel: `Anyone`, `Nobody` or `Param`.
+    pub access: Access,
+}
+
+/// `[[types]]`.
+#[derive(Debug, Clone)]
+pub struct TypeRule {
+    /// The action type: exact (`"room/message"`), a prefix (`"room/*"`) or `"*"` (fallback).
+    pub action_type: String,
+    /// Who may add actions of this type: `Anyone`, `Nobody` or `Field`.
+    pub access: Access,
+    /// Channel templates (`"room/{room}"`) filled from the action's fields; the action is
+    /// re-sent to every channel obtained.
+    pub resend: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted WebSocket frame in bytes.
+    pub frame_bytes_max: usize,
+    /// Most `[action, meta]` pairs in one `sync` message.
+    pub sync_pairs_max: usize,
+    /// Most past actions sent on `logux/subscribe`.
+    pub subscribe_history_max: usize,
+    /// Most missed actions sent after `connect`.
+    pub connect_catchup_max: usize,
+    /// Time allowed to finish the `connect` handshake.
+    pub handshake_timeout_ms: u64,
+    /// Time without incoming messages before a connection is dropped.
+    pub idle_timeout_ms: u64,
+    /// Messages queued for one client before it is disconnected as too slow.
+    pub outbox_len: usize,
+    /// Simultaneous connections accepted.
+    pub connections_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            sync_pairs_max: SYNC_PAIRS_MAX_DEFAULT,
+            subscribe_history_max: SUBSCRIBE_HISTORY_MAX_DEFAULT,
+            connect_catchup_max: CONNECT_CATCHUP_MAX_DEFAULT,
+            handshake_timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
+            outbox_len: OUTBOX_LEN_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The `IP:port` the WebSocket server binds.
+    pub listen: SocketAddr,
+    /// Where the action log is stored.
+    pub data_dir: PathBuf,
+    /// Development or production behaviour.
+    pub env: Env,
+    /// The application subprotocol announced to clients in `connected`.
+    pub subprotocol: u32,
+    /// Clients announcing an older subprotocol get `wrong-subprotocol`.
+    pub min_subprotocol: u32,
+    /// How clients authenticate.
+    pub auth: AuthConfig,
+    /// Who may subscribe to which channels, in definition order (first match decides).
+    pub channels: Vec<ChannelRule>,
+    /// Which action types are known, who may add them and where they are re-sent.
+    pub types: Vec<TypeRule>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Most actions kept in the log; `None` keeps everything.
+    pub retention_actions_max: Option<u64>,
+    /// True for the embedded demo configuration, so the server can warn that it is open.
+    pub demo: bool,
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let config = raw.into_config()?;
+        // Compiles patterns and templates once to report their errors at startup.
+        crate::rules::Rules::new(&config)?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text).map_err(|e| match e {
+            ConfigError::Invalid(message) => {
+                ConfigError::Invalid(format!("{}: {message}", path.display()))
+            }
+            other => other,
+        })
+    }
+
+    /// The embedded default: demo rules, development mode.
+    ///
+    /// Every channel may be subscribed by anyone, every action type is accepted from anyone,
+    /// and an action with a string `channel` field is re-sent to that channel.
+    pub fn demo() -> Config {
+        Config {
+            listen: default_listen(),
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            env: Env::Development,
+            subprotocol: SUBPROTOCOL_DEFAULT,
+            min_subprotocol: MIN_SUBPROTOCOL_DEFAULT,
+            auth: AuthConfig {
+                allow_anyone: true,
+                ..AuthConfig::default()
+            },
+            channels: vec![ChannelRule {
+                pattern: "*".to_owned(),
+                access: Access::Anyone,
+            }],
+            types: vec![TypeRule {
+                action_type: "*".to_owned(),
+                access: Access::Anyone,
+                resend: vec!["{channel}".to_owned()],
+            }],
+            limits: Limits::default(),
+            retention_actions_max: None,
+            demo: true,
+        }
+    }
+}
+
+/// The default listen address, parsed from [`LISTEN_DEFAULT`].
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 31337))
+}
+
+/// `ferry.toml` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    env: Option<RawEnv>,
+    subprotocol: Option<u32>,
+    min_subprotocol: Option<u32>,
+    retention_actions_max: Option<u64>,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    channels: Vec<RawChannel>,
+    #[serde(default)]
+    types: Vec<RawType>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// `env` as written.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawEnv {
+    Development,
+    Production,
+}
+
+/// `[auth]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(default)]
+    tokens: HashMap<String, String>,
+    any_user_token: Option<String>,
+    jwt_hs256_secret: Option<String>,
+}
+
+/// One `[[channels]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChannel {
+    pattern: String,
+    access: String,
+}
+
+/// One `[[types]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawType {
+    #[serde(rename = "type")]
+    action_type: String,
+    access: String,
+    #[serde(default)]
+    resend: Vec<String>,
+}
+
+/// `[limits]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    frame_bytes_max: Option<usize>,
+    sync_pairs_max: Option<usize>,
+    subscribe_history_max: Option<usize>,
+    connect_catchup_max: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    outbox_len: Option<usize>,
+    connections_max: Option<usize>,
+}
+
+impl RawConfig {
+    fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = match self.listen {
+            None => default_listen(),
+            Some(text) => text.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::Invalid(format!("listen: {text:?} is not an IP:port address ({e})"))
+            })?,
+        };
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir: must not be empty"));
+        }
+        let env = match self.env {
+            None | Some(RawEnv::Development) => Env::Development,
+            Some(RawEnv::Production) => Env::Production,
+        };
+        let subprotocol = self.subprotocol.unwrap_or(SUBPROTOCOL_DEFAULT);
+        let min_subprotocol = self.min_subprotocol.unwrap_or(MIN_SUBPROTOCOL_DEFAULT);
+        if min_subprotocol > subprotocol {
+            return Err(ConfigError::Invalid(format!(
+                "min_subprotocol ({min_subprotocol}) must not exceed subprotocol ({subprotocol})"
+            )));
+        }
+        let channels = self
+            .channels
+            .into_iter()
+            .enumerate()
+            .map(|(index, raw)| {
+                let access = parse_channel_access(index, &raw.pattern, &raw.access)?;
+                Ok(ChannelRule {
+                    pattern: raw.pattern,
+                    access,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let types = self
+            .types
+            .into_iter()
+            .enumerate()
+            .map(|(index, raw)| {
+                let access = parse_type_access(index, &raw.action_type, &raw.access)?;
+                Ok(TypeRule {
+                    action_type: raw.action_type,
+                    access,
+                    resend: raw.resend,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(Config {
+            listen,
+            data_dir,
+            env,
+            subprotocol,
+            min_subprotocol,
+            auth: self.auth.into_auth()?,
+            channels,
+            types,
+            limits: self.limits.into_limits()?,
+            retention_actions_max: self.retention_actions_max.filter(|&n| n > 0),
+            demo: false,
+        })
+    }
+}
+
+impl RawAuth {
+    fn into_auth(self) -> Result<AuthConfig, ConfigError> {
+        let mut users: Vec<&String> = self.tokens.keys().collect();
+        users.sort();
+        for user in users {
+            if user.as_str() == SERVER_USER_ID {
+                return Err(invalid(
+                    "auth.tokens: the user id \"server\" is reserved and can never authenticate",
+                ));
+            }
+            if user.is_empty() {
+                return Err(invalid("auth.tokens: a user id must not be empty"));
+            }
+            if self.tokens.get(user).is_some_and(|t| t.is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.tokens: the token of user {user:?} must not be empty"
+                )));
+            }
+        }
+        if self.any_user_token.as_deref() == Some("") {
+            return Err(invalid("auth.any_user_token: must not be empty"));
+        }
+        if self.jwt_hs256_secret.as_deref() == Some("") {
+            return Err(invalid("auth.jwt_hs256_secret: must not be empty"));
+        }
+        Ok(AuthConfig {
+            tokens: self.tokens,
+            any_user_token: self.any_user_token,
+            jwt_hs256_secret: self.jwt_hs256_secret,
+            allow_anyone: false,
+        })
+    }
+}
+
+impl RawLimits {
+    fn into_limits(self) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        Ok(Limits {
+            frame_bytes_max: positive("frame_bytes_max", self.frame_bytes_max, d.frame_bytes_max)?,
+            sync_pairs_max: positive("sync_pairs_max", self.sync_pairs_max, d.sync_pairs_max)?,
+            subscribe_history_max: positive(
+                "subscribe_history_max",
+                self.subscribe_history_max,
+                d.subscribe_history_max,
+            )?,
+            connect_catchup_max: positive(
+                "connect_catchup_max",
+                self.connect_catchup_max,
+                d.connect_catchup_max,
+            )?,
+            handshake_timeout_ms: positive(
+                "handshake_timeout_ms",
+                self.handshake_timeout_ms,
+                d.handshake_timeout_ms,
+            )?,
+            idle_timeout_ms: positive("idle_timeout_ms", self.idle_timeout_ms, d.idle_timeout_ms)?,
+            outbox_len: positive("outbox_len", self.outbox_len, d.outbox_len)?,
+            connections_max: positive("connections_max", self.connections_max, d.connections_max)?,
+        })
+    }
+}
+
+/// A `[limits]` value, or its default; zero is refused because it would disable the server.
+fn positive<T>(key: &str, value: Option<T>, default: T) -> Result<T, ConfigError>
+where
+    T: Copy + PartialEq + From<u8>,
+{
+    match value {
+        None => Ok(default),
+        Some(v) if v == T::from(0) => Err(ConfigError::Invalid(format!(
+            "limits.{key}: must be greater than 0"
+        ))),
+        Some(v) => Ok(v),
+    }
+}
+
+fn invalid(message: &str) -> ConfigError {
+    ConfigError::Invalid(message.to_owned())
+}
+
+/// Parses the `access` of `[[channels]]` number `index` (0-based).
+fn parse_channel_access(index: usize, pattern: &str, text: &str) -> Result<Access, ConfigError> {
+    let rule = format!("channels[{index}] (pattern {pattern:?})");
+    match text {
+        "anyone" => Ok(Access::Anyone),
+        "nobody" => Ok(Access::Nobody),
+        _ => match text.strip_prefix("param:") {
+            Some("") => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} needs a parameter name, as in \"param:id\""
+            ))),
+            Some(name) => Ok(Access::Param(name.to_owned())),
+            None if text.starts_with("field:") => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} is only for [[types]]; channels use \"param:NAME\""
+            ))),
+            None => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} must be \"anyone\", \"nobody\" or \"param:NAME\""
+            ))),
+        },
+    }
+}
+
+/// Parses the `access` of `[[types]]` number `index` (0-based).
+fn parse_type_access(index: usize, action_type: &str, text: &str) -> Result<Access, ConfigError> {
+    let rule = format!("types[{index}] (type {action_type:?})");
+    match text {
+        "anyone" => Ok(Access::Anyone),
+        "nobody" => Ok(Access::Nobody),
+        _ => match text.strip_prefix("field:") {
+            Some("") => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} needs a field name, as in \"field:userId\""
+            ))),
+            Some(name) => Ok(Access::Field(name.to_owned())),
+            None if text.starts_with("param:") => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} is only for [[channels]]; types use \"field:NAME\""
+            ))),
+            None => Err(ConfigError::Invalid(format!(
+                "{rule}: access {text:?} must be \"anyone\", \"nobody\" or \"field:NAME\""
+            ))),
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml_str(text) {
+            Ok(_) => panic!("expected an error for {text:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(c.data_dir, PathBuf::from(DATA_DIR_DEFAULT));
+        assert_eq!(c.env, Env::Development);
+        assert_eq!(c.subprotocol, 1);
+        assert_eq!(c.min_subprotocol, 0);
+        assert_eq!(c.retention_actions_max, None);
+        assert!(!c.demo);
+        assert!(c.channels.is_empty() && c.types.is_empty());
+        assert!(c.auth.tokens.is_empty());
+        assert!(c.auth.any_user_token.is_none() && c.auth.jwt_hs256_secret.is_none());
+        let l = c.limits;
+        assert_eq!(l.frame_bytes_max, 64 * 1024 * 1024);
+        assert_eq!(l.sync_pairs_max, 1_000_000);
+        assert_eq!(l.subscribe_history_max, 1000);
+        assert_eq!(l.connect_catchup_max, 100_000);
+        assert_eq!(l.handshake_timeout_ms, 20_000);
+        assert_eq!(l.idle_timeout_ms, 75_000);
+        assert_eq!(l.outbox_len, 4096);
+        assert_eq!(l.connections_max, 19_000);
+    }
+
+    #[test]
+    fn default_listen_matches_its_constant() {
+        assert_eq!(default_listen().to_string(), LISTEN_DEFAULT);
+    }
+
+    const FULL_EXAMPLE: &str = r#"
+listen = "0.0.0.0:8080"
+data_dir = "/var/lib/ferry"
+env = "production"
+subprotocol = 3
+min_subprotocol = 2
+retention_actions_max = 500
+
+[auth]
+tokens = { "10" = "good-10" }
+any_user_token = "secret"
+jwt_hs256_secret = "change-me"
+
+[[channels]]
+pattern = "users/:id"
+access = "param:id"
+
+[[types]]
+type = "room/message"
+access = "anyone"
+resend = ["room/{room}"]
+
+[limits]
+frame_bytes_max = 1024
+sync_pairs_max = 2
+subscribe_history_max = 3
+connect_catchup_max = 4
+handshake_timeout_ms = 5
+idle_timeout_ms = 6
+outbox_len = 7
+connections_max = 8
+"#;
+
+    #[test]
+    fn every_key_is_read() {
+        let c = Config::from_toml_str(FULL_EXAMPLE).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/ferry"));
+        assert_eq!(c.env, Env::Production);
+        assert_eq!((c.subprotocol, c.min_subprotocol), (3, 2));
+        assert_eq!(c.retention_actions_max, Some(500));
+        assert_eq!(c.auth.tokens.get("10").map(String::as_str), Some("good-10"));
+        assert_eq!(c.auth.any_user_token.as_deref(), Some("secret"));
+        assert_eq!(c.auth.jwt_hs256_secret.as_deref(), Some("change-me"));
+        assert_eq!(c.channels.len(), 1);
+        assert_eq!(c.channels[0].pattern, "users/:id");
+        assert_eq!(c.channels[0].access, Access::Param("id".into()));
+        assert_eq!(c.types[0].action_type, "room/message");
+        assert_eq!(c.types[0].access, Access::Anyone);
+        assert_eq!(c.types[0].resend, vec!["room/{room}".to_owned()]);
+        let l = c.limits;
+        assert_eq!(
+            [
+                l.frame_bytes_max,
+                l.sync_pairs_max,
+                l.subscribe_history_max,
+                l.connect_catchup_max,
+                l.outbox_len,
+                l.connections_max
+            ],
+            [1024, 2, 3, 4, 7, 8]
+        );
+        assert_eq!((l.handshake_timeout_ms, l.idle_timeout_ms), (5, 6));
+    }
+
+    #[test]
+    fn retention_zero_keeps_everything() {
+        let c = Config::from_toml_str("retention_actions_max = 0").unwrap();
+        assert_eq!(c.retention_actions_max, None);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        assert!(err("lisen = \"127.0.0.1:1\"").contains("lisen"));
+        assert!(err("[limits]\nframe_byte_max = 1").contains("frame_byte_max"));
+        assert!(err("[auth]\ntoken = \"x\"").contains("token"));
+        assert!(
+            err("[[channels]]\npattern = \"a\"\naccess = \"anyone\"\nacess = 1").contains("acess")
+        );
+        assert!(err("[[types]]\ntype = \"a\"\naccess = \"anyone\"\nresnd = []").contains("resnd"));
+    }
+
+    #[test]
+    fn bad_env_and_listen_are_rejected() {
+        assert!(err("env = \"staging\"").contains("staging"));
+        assert!(err("listen = \"localhost\"").contains("listen"));
+    }
+
+    #[test]
+    fn min_subprotocol_above_subprotocol_is_rejected() {
+        assert!(err("subprotocol = 2\nmin_subprotocol = 3").contains("min_subprotocol"));
+        assert!(Config::from_toml_str("subprotocol = 2\nmin_subprotocol = 2").is_ok());
+    }
+
+    #[test]
+    fn zero_limits_are_rejected_with_their_name() {
+        for key in [
+            "frame_bytes_max",
+            "sync_pairs_max",
+            "subscribe_history_max",
+            "connect_catchup_max",
+            "handshake_timeout_ms",
+            "idle_timeout_ms",
+            "outbox_len",
+            "connections_max",
+        ] {
+            assert!(err(&format!("[limits]\n{key} = 0")).contains(key), "{key}");
+        }
+        assert!(Config::from_toml_str("[limits]\nframe_bytes_max = -1").is_err());
+    }
+
+    #[test]
+    fn invalid_access_values_name_the_rule_and_value() {
+        let e = err("[[channels]]\npattern = \"users/:id\"\naccess = \"everyone\"");
+        assert!(e.contains("users/:id") && e.contains("everyone"), "{e}");
+        let e = err("[[channels]]\npattern = \"users/:id\"\naccess = \"field:id\"");
+        assert!(
+            e.contains("field:id") && e.contains("only for [[types]]"),
+            "{e}"
+        );
+        let e = err("[[channels]]\npattern = \"users/:id\"\naccess = \"param:\"");
+        assert!(e.contains("param:"), "{e}");
+        let e = err("[[types]]\ntype = \"room/add\"\naccess = \"param:id\"");
+        assert!(
+            e.contains("room/add") && e.contains("only for [[channels]]"),
+            "{e}"
+        );
+        let e = err("[[types]]\ntype = \"room/add\"\naccess = \"Anyone\"");
+        assert!(e.contains("room/add") && e.contains("Anyone"), "{e}");
+        let e = err("[[types]]\ntype = \"room/add\"\naccess = \"field:\"");
+        assert!(e.contains("field:"), "{e}");
+    }
+
+    #[test]
+    fn param_access_must_name_a_pattern_parameter() {
+        let e = err("[[channels]]\npattern = \"users/:id\"\naccess = \"param:user\"");
+        assert!(e.contains("users/:id") && e.contains(":user"), "{e}");
+        assert!(Config::from_toml_str(
+            "[[channels]]\npattern = \"users/:user\"\naccess = \"param:user\""
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn bad_patterns_and_templates_are_rejected_at_load() {
+        let e = err("[[channels]]\npattern = \"a/*/b\"\naccess = \"anyone\"");
+        assert!(e.contains("a/*/b"), "{e}");
+        let e = err("[[types]]\ntype = \"a\"\naccess = \"anyone\"\nresend = [\"room/{room\"]");
+        assert!(e.contains("room/{room"), "{e}");
+    }
+
+    #[test]
+    fn reserved_and_empty_credentials_are_rejected() {
+        assert!(err("[auth]\ntokens = { server = \"x\" }").contains("server"));
+        assert!(err("[auth]\ntokens = { \"1\" = \"\" }").contains("auth.tokens"));
+        assert!(err("[auth]\nany_user_token = \"\"").contains("any_user_token"));
+        assert!(err("[auth]\njwt_hs256_secret = \"\"").contains("jwt_hs256_secret"));
+    }
+
+    #[test]
+    fn demo_is_open_development_config() {
+        let c = Config::demo();
+        assert!(c.demo);
+        assert_eq!(c.env, Env::Development);
+        assert_eq!(c.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(c.channels[0].pattern, "*");
+        assert_eq!(c.channels[0].access, Access::Anyone);
+        assert_eq!(c.types[0].action_type, "*");
+        assert_eq!(c.types[0].resend, vec!["{channel}".to_owned()]);
+        assert!(crate::rules::Rules::new(&c).is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config::from_toml_str(FULL_EXAMPLE).unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("good-10"), "{text}");
+        assert!(!text.contains("\"secret\""), "{text}");
+        assert!(!text.contains("change-me"), "{text}");
+        assert!(text.contains("***"), "{text}");
+        assert!(text.contains("\"10\""), "user ids stay visible: {text}");
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, "subprotocol = 7").unwrap();
+        assert_eq!(Config::load(&path).unwrap().subprotocol, 7);
+        std::fs::write(&path, "bogus = 1").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("ferry.toml") && e.contains("bogus"), "{e}");
+        let missing = dir.path().join("missing.toml");
+        assert!(matches!(
+            Config::load(&missing),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

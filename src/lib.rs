@@ -1,0 +1,11 @@
+//! Ferry: a Logux-compatible action-log sync server.
+
+pub mod action;
+pub mod clock;
+pub mod config;
+pub mod log;
+pub mod protocol;
+pub mod rules;
+pub mod run;
+pub mod server;
+pub mod transports;

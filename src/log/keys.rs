@@ -1,0 +1,227 @@
+//! Key layout of the log's single sled tree.
+//!
+//! Every record lives in the default tree under a one-byte prefix, so that one group commit is
+//! one `apply_batch` and therefore crash-atomic:
+//!
+//! - `a` + added (u64 big-endian) → the entry as JSON, with `meta.added` set;
+//! - `i` + action id → added (u64 big-endian);
+//! - `c` + channel + 0x00 + added → empty (channel index);
+//! - `t` + kind (`u`, `c` or `n`) + name + 0x00 + added → empty (targeted index);
+//! - `m` + name → small metadata, such as `last_added` and the settings.
+
+use super::LogError;
+use crate::action::Entry;
+
+/// Prefix of the entry records, keyed by `added`.
+pub(super) const ENTRY_PREFIX: u8 = b'a';
+/// Prefix of the id index, which maps an action id to its `added`.
+pub(super) const ID_PREFIX: u8 = b'i';
+/// Prefix of the channel index.
+pub(super) const CHANNEL_PREFIX: u8 = b'c';
+/// Prefix of the targeted index (users, clients and nodes).
+pub(super) const TARGET_PREFIX: u8 = b't';
+/// Prefix of the metadata records.
+pub(super) const META_PREFIX: u8 = b'm';
+/// Name of the metadata record that holds the highest `added` ever assigned.
+const LAST_ADDED_NAME: &[u8] = b"last_added";
+/// Name prefix of the settings inside the metadata records, so that a setting can never
+/// overwrite `last_added`.
+const SETTING_NAME_PREFIX: &[u8] = b"setting:";
+/// Separator between a name and the `added` in index keys; names never contain it.
+const NAME_END: u8 = 0;
+/// Length of an encoded `added`.
+pub(super) const ADDED_LEN_BYTES: usize = 8;
+
+/// The three kinds of targeted index records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TargetKind {
+    /// Records of `meta.users`.
+    User,
+    /// Records of `meta.clients`.
+    Client,
+    /// Records of `meta.nodes`.
+    Node,
+}
+
+impl TargetKind {
+    /// The byte that follows the `t` prefix for this kind.
+    fn byte(self) -> u8 {
+        match self {
+            TargetKind::User => b'u',
+            TargetKind::Client => b'c',
+            TargetKind::Node => b'n',
+        }
+    }
+}
+
+/// Key of the entry stored at `added`.
+pub(super) fn entry_key(added: u64) -> [u8; 1 + ADDED_LEN_BYTES] {
+    let mut key = [0; 1 + ADDED_LEN_BYTES];
+    key[0] = ENTRY_PREFIX;
+    key[1..].copy_from_slice(&added.to_be_bytes());
+    key
+}
+
+/// Key of the id index record of `id`.
+pub(super) fn id_key(id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.len());
+    key.push(ID_PREFIX);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// Key of the `last_added` metadata record.
+pub(super) fn last_added_key() -> Vec<u8> {
+    meta_key(LAST_ADDED_NAME)
+}
+
+/// Key of the setting called `name`.
+pub(super) fn setting_key(name: &str) -> Vec<u8> {
+    let mut inner = SETTING_NAME_PREFIX.to_vec();
+    inner.extend_from_slice(name.as_bytes());
+    meta_key(&inner)
+}
+
+/// Key of a metadata record.
+fn meta_key(name: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + name.len());
+    key.push(META_PREFIX);
+    key.extend_from_slice(name);
+    key
+}
+
+/// The start of the keys of one index name: the index head, the name and the separator.
+/// `None` when the name contains the separator and therefore cannot be indexed.
+fn index_name_prefix(head: &[u8], name: &str) -> Option<Vec<u8>> {
+    if name.as_bytes().contains(&NAME_END) {
+        return None;
+    }
+    let mut key = Vec::with_capacity(head.len() + name.len() + 1 + ADDED_LEN_BYTES);
+    key.extend_from_slice(head);
+    key.extend_from_slice(name.as_bytes());
+    key.push(NAME_END);
+    Some(key)
+}
+
+/// The head of the channel index.
+pub(super) fn channel_head() -> [u8; 1] {
+    [CHANNEL_PREFIX]
+}
+
+/// The head of the targeted index of one kind.
+pub(super) fn target_head(kind: TargetKind) -> [u8; 2] {
+    [TARGET_PREFIX, kind.byte()]
+}
+
+/// The inclusive key range of index `head` for `name` and `from <= added <= to`.
+/// `None` when the name cannot be indexed.
+pub(super) fn index_range(
+    head: &[u8],
+    name: &str,
+    from: u64,
+    to: u64,
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let prefix = index_name_prefix(head, name)?;
+    let mut start = prefix.clone();
+    start.extend_from_slice(&from.to_be_bytes());
+    let mut end = prefix;
+    end.extend_from_slice(&to.to_be_bytes());
+    Some((start, end))
+}
+
+/// One index key of index `head` for `name` at `added`.
+fn index_key(head: &[u8], name: &str, added: u64) -> Option<Vec<u8>> {
+    let mut key = index_name_prefix(head, name)?;
+    key.extend_from_slice(&added.to_be_bytes());
+    Some(key)
+}
+
+/// All channel and targeted index keys of a stored entry (its `meta.added` must be set).
+///
+/// Names that contain the separator byte are skipped with a warning: they could be confused
+/// with other names, and such names never come from valid clients.
+pub(super) fn index_keys(entry: &Entry) -> Vec<Vec<u8>> {
+    let meta = &entry.meta;
+    let added = meta.added;
+    let mut keys = Vec::new();
+    let channel_head = channel_head();
+    let groups: [(&[u8], &[String]); 4] = [
+        (&channel_head, &meta.channels),
+        (&target_head(TargetKind::User), &meta.users),
+        (&target_head(TargetKind::Client), &meta.clients),
+        (&target_head(TargetKind::Node), &meta.nodes),
+    ];
+    for (head, names) in groups {
+        for name in names {
+            match index_key(head, name, added) {
+                Some(key) => keys.push(key),
+                None => tracing::warn!(
+                    id = %meta.id,
+                    name = %name.escape_debug(),
+                    "not indexing a name that contains a NUL byte"
+                ),
+            }
+        }
+    }
+    keys
+}
+
+/// Decodes an `added` stored as a value.
+pub(super) fn decode_added(key: &[u8], value: &[u8]) -> Result<u64, LogError> {
+    let bytes: [u8; ADDED_LEN_BYTES] = value.try_into().map_err(|_| LogError::Corrupt {
+        key: describe_key(key),
+        reason: format!("expected {ADDED_LEN_BYTES} bytes, found {}", value.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Decodes the `added` at the end of an entry or index key.
+pub(super) fn added_suffix(key: &[u8]) -> Result<u64, LogError> {
+    let split = key
+        .len()
+        .checked_sub(ADDED_LEN_BYTES)
+        .ok_or_else(|| LogError::Corrupt {
+            key: describe_key(key),
+            reason: "key too short to hold a position".to_owned(),
+        })?;
+    decode_added(key, &key[split..])
+}
+
+/// Decodes a stored entry.
+pub(super) fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, LogError> {
+    serde_json::from_slice(value).map_err(|error| LogError::Corrupt {
+        key: describe_key(key),
+        reason: error.to_string(),
+    })
+}
+
+/// A printable form of a key for error messages.
+pub(super) fn describe_key(key: &[u8]) -> String {
+    key.escape_ascii().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_keys_sort_by_added() {
+        assert!(entry_key(1) < entry_key(2));
+        assert!(entry_key(255) < entry_key(256));
+        assert_eq!(added_suffix(&entry_key(300)).ok(), Some(300));
+    }
+
+    #[test]
+    fn index_keys_of_different_names_never_overlap() {
+        let (short_start, short_end) =
+            index_range(&channel_head(), "a", 0, u64::MAX).expect("indexable name");
+        let (long_start, _) =
+            index_range(&channel_head(), "ab", 0, u64::MAX).expect("indexable name");
+        assert!(!(short_start..=short_end).contains(&long_start));
+    }
+
+    #[test]
+    fn names_with_nul_are_not_indexed() {
+        assert_eq!(index_range(&channel_head(), "a\0b", 0, 1), None);
+    }
+}

@@ -1,0 +1,531 @@
+//! The durable, append-only action log on sled.
+//!
+//! All records live in one sled tree under one-byte key prefixes (see `keys`), so that every
+//! group commit is a single crash-atomic `apply_batch`. One writer task owns the `added`
+//! counter: `append` queues a request, the writer gathers the queued requests into a group,
+//! writes them with one batch and one flush, and only then moves `head`, calls the hooks, the
+//! commit listener and answers the callers. Readers go to sled directly and never see entries
+//! above `head`, so they only ever return durable entries.
+
+mod keys;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use crate::action::Entry;
+use keys::{
+    added_suffix, channel_head, decode_added, decode_entry, entry_key, id_key, index_keys,
+    index_range, last_added_key, setting_key, target_head, TargetKind, ENTRY_PREFIX,
+};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use writer::{Request, Writer};
+
+/// Most entries removed by one retention batch, so that retention never builds a huge batch.
+const REMOVE_BATCH_ENTRIES: usize = 1_024;
+/// How long `open` waits for the directory lock: after `close`, sled's background threads
+/// may hold the lock of the same directory for a moment, and reopening in the same process
+/// (tests, restarts of the server inside one process) must not fail because of that.
+const OPEN_LOCK_WAIT_MS: u64 = 2_000;
+/// Pause between two attempts to take the directory lock.
+const OPEN_LOCK_RETRY_MS: u64 = 5;
+
+/// Errors of the log layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// sled failed.
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored record could not be decoded.
+    #[error("corrupt record {key}: {reason}")]
+    Corrupt {
+        /// The key of the record, printable.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A flush failed earlier; the log refuses writes until restart (fjall-style poisoning).
+    #[error("log is poisoned after a failed flush: {0}")]
+    Poisoned(String),
+    /// The writer task is gone (shutdown).
+    #[error("log writer stopped")]
+    Closed,
+}
+
+/// What happened to one entry of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored at this position.
+    Appended(u64),
+    /// An entry with the same id was already stored at this position (or earlier in the batch).
+    Duplicate(u64),
+}
+
+/// Called by the writer, once per group commit, after the flush, in `added` order.
+pub trait CommitListener: Send + Sync + 'static {
+    /// Entries stored by this group commit (duplicates excluded), ordered by `added`.
+    fn committed(&self, entries: &[Arc<Entry>]);
+}
+
+/// Called after the flush and before the `CommitListener`, with this request's outcomes.
+pub type DurableHook = Box<dyn FnOnce(&[AppendOutcome]) + Send>;
+
+/// Tunables of the log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Most entries written in one group commit.
+    pub group_commit_entries_max: usize,
+    /// Capacity of the writer's request queue.
+    pub writer_queue_len: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            group_commit_entries_max: 10_000,
+            writer_queue_len: 4_096,
+        }
+    }
+}
+
+/// The storage and counters shared by the handles and the writer task.
+struct Shared {
+    /// The sled database; its default tree holds every record.
+    db: sled::Db,
+    /// Highest durable `added`; readers never look above it.
+    head: AtomicU64,
+    /// Number of group commits that wrote entries, to observe batching.
+    group_commits: AtomicU64,
+    /// Why the log refuses writes, once a write failed.
+    poison: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// The reason the log is poisoned, if it is.
+    fn poison_reason(&self) -> Option<String> {
+        self.poison
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes the log refuse writes from now on; the first reason wins.
+    fn poison(&self, reason: &str) {
+        let mut poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+        if poison.is_none() {
+            *poison = Some(reason.to_owned());
+        }
+    }
+
+    /// The entry stored at `added`, if it is still there.
+    fn entry_at(&self, added: u64) -> Result<Option<Arc<Entry>>, LogError> {
+        let key = entry_key(added);
+        match self.db.get(key)? {
+            Some(value) => Ok(Some(Arc::new(decode_entry(&key, &value)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The positions recorded in index `head` for `name` with `from <= added <= to`,
+    /// ascending. Names that cannot be indexed have no positions.
+    fn index_positions(
+        &self,
+        head: &[u8],
+        name: &str,
+        from: u64,
+        to: u64,
+    ) -> Box<dyn DoubleEndedIterator<Item = Result<u64, LogError>>> {
+        match index_range(head, name, from, to) {
+            Some((start, end)) if from <= to => Box::new(self.db.range(start..=end).map(|item| {
+                let (key, _) = item?;
+                added_suffix(&key)
+            })),
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    /// Loads the entries at `positions` in their order, skipping the ones retention removed,
+    /// until `limit` entries are found.
+    fn load(
+        &self,
+        positions: impl Iterator<Item = Result<u64, LogError>>,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, LogError> {
+        let mut entries = Vec::new();
+        if limit == 0 {
+            return Ok(entries);
+        }
+        for added in positions {
+            if let Some(entry) = self.entry_at(added?)? {
+                entries.push(entry);
+                if entries.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// The per-log state behind the cheap `Log` handles.
+struct Inner {
+    /// Storage and counters, also held by the writer.
+    shared: Arc<Shared>,
+    /// The writer's queue; `None` once `close` stopped accepting appends.
+    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    /// Becomes `true` when the writer has finished and released the storage.
+    stopped: watch::Receiver<bool>,
+}
+
+/// Handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    /// The shared state of all handles of this log.
+    inner: Arc<Inner>,
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir` and starts its writer task.
+    ///
+    /// Must be called inside a tokio runtime; outside one it returns `LogError::Closed`
+    /// because the writer cannot start.
+    pub fn open(
+        dir: &Path,
+        options: LogOptions,
+        listener: Arc<dyn CommitListener>,
+    ) -> Result<Log, LogError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
+            tracing::error!(%error, "the log must be opened inside a tokio runtime");
+            LogError::Closed
+        })?;
+        let db = open_db(dir)?;
+        let last_added = {
+            let key = last_added_key();
+            match db.get(&key)? {
+                Some(value) => decode_added(&key, &value)?,
+                None => 0,
+            }
+        };
+        let highest_entry = match db.scan_prefix([ENTRY_PREFIX]).next_back() {
+            Some(item) => added_suffix(&item?.0)?,
+            None => 0,
+        };
+        let head = last_added.max(highest_entry);
+        let shared = Arc::new(Shared {
+            db,
+            head: AtomicU64::new(head),
+            group_commits: AtomicU64::new(0),
+            poison: Mutex::new(None),
+        });
+        let (sender, receiver) = mpsc::channel(options.writer_queue_len.max(1));
+        let (stopped_sender, stopped) = watch::channel(false);
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            receiver,
+            listener,
+            next_added: head + 1,
+            group_entries_max: options.group_commit_entries_max.max(1),
+        };
+        runtime.spawn(writer.run(stopped_sender));
+        Ok(Log {
+            inner: Arc::new(Inner {
+                shared,
+                sender: Mutex::new(Some(sender)),
+                stopped,
+            }),
+        })
+    }
+
+    /// Appends entries durably in one group commit, assigning `meta.added`.
+    ///
+    /// Returns one outcome per entry, in the given order. The hook runs only when the append
+    /// succeeds. After `close` this returns `LogError::Closed`; after a failed write it
+    /// returns `LogError::Poisoned`.
+    pub async fn append(
+        &self,
+        entries: Vec<Entry>,
+        hook: Option<DurableHook>,
+    ) -> Result<Vec<AppendOutcome>, LogError> {
+        if let Some(reason) = self.inner.shared.poison_reason() {
+            return Err(LogError::Poisoned(reason));
+        }
+        let sender = self
+            .inner
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(LogError::Closed)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = Request {
+            entries,
+            hook,
+            reply,
+        };
+        sender.send(request).await.map_err(|_| LogError::Closed)?;
+        drop(sender);
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Highest durable `added`.
+    pub fn head(&self) -> u64 {
+        self.inner.shared.head.load(Ordering::Acquire)
+    }
+
+    /// Number of group commits (batch plus flush) this handle's writer performed since open.
+    /// Groups that stored nothing new (only duplicates) are not counted: they write nothing.
+    pub fn group_commits(&self) -> u64 {
+        self.inner.shared.group_commits.load(Ordering::Relaxed)
+    }
+
+    /// The durable entry stored at `added`, if retention did not remove it.
+    pub fn entry_at(&self, added: u64) -> Result<Option<Arc<Entry>>, LogError> {
+        if added > self.head() {
+            return Ok(None);
+        }
+        self.inner.shared.entry_at(added)
+    }
+
+    /// Position of a stored action id.
+    pub fn added_of(&self, id: &str) -> Result<Option<u64>, LogError> {
+        let key = id_key(id);
+        match self.inner.shared.db.get(&key)? {
+            Some(value) => {
+                let added = decode_added(&key, &value)?;
+                Ok((added <= self.head()).then_some(added))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Entries of `channel` with `after < added <= upto`, oldest first, at most `limit`.
+    pub fn channel_since(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, LogError> {
+        let upto = upto.min(self.head());
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let shared = &self.inner.shared;
+        shared.load(
+            shared.index_positions(&channel_head(), channel, from, upto),
+            limit,
+        )
+    }
+
+    /// The newest `limit` entries of `channel` with `added <= upto`, oldest first.
+    pub fn channel_tail(
+        &self,
+        channel: &str,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, LogError> {
+        let upto = upto.min(self.head());
+        let shared = &self.inner.shared;
+        let mut entries = shared.load(
+            shared
+                .index_positions(&channel_head(), channel, 0, upto)
+                .rev(),
+            limit,
+        )?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// Entries targeted at the given user, client or node (through `meta.users`, `meta.clients`,
+    /// `meta.nodes`) with `after < added <= upto`, oldest first, each once, at most `limit`.
+    pub fn targeted_since(
+        &self,
+        user: Option<&str>,
+        client: &str,
+        node: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<Arc<Entry>>, LogError> {
+        let upto = upto.min(self.head());
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let shared = &self.inner.shared;
+        let mut sources = Vec::with_capacity(3);
+        if let Some(user) = user {
+            sources.push(shared.index_positions(&target_head(TargetKind::User), user, from, upto));
+        }
+        sources.push(shared.index_positions(&target_head(TargetKind::Client), client, from, upto));
+        sources.push(shared.index_positions(&target_head(TargetKind::Node), node, from, upto));
+        shared.load(MergeAscending::new(sources), limit)
+    }
+
+    /// Reads a small persistent string value (server node id and the like).
+    pub fn get_setting(&self, key: &str) -> Result<Option<String>, LogError> {
+        let record_key = setting_key(key);
+        match self.inner.shared.db.get(&record_key)? {
+            Some(value) => String::from_utf8(value.to_vec())
+                .map(Some)
+                .map_err(|error| LogError::Corrupt {
+                    key: keys::describe_key(&record_key),
+                    reason: error.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a small persistent string value and flushes.
+    pub fn put_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
+        let db = &self.inner.shared.db;
+        db.insert(setting_key(key), value.as_bytes())?;
+        db.flush()?;
+        Ok(())
+    }
+
+    /// Removes entries with `added < before` and their index records (retention).
+    ///
+    /// Returns how many entries were removed. Entries above `head` (not yet durable) are never
+    /// removed. `last_added` is kept, so positions are never handed out again. The removal is
+    /// not flushed by itself: after a crash, removed entries may come back, which is harmless.
+    pub fn remove_before(&self, before: u64) -> Result<usize, LogError> {
+        let before = before.min(self.head().saturating_add(1));
+        let db = &self.inner.shared.db;
+        let mut removed = 0;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut count = 0;
+            for item in db
+                .range(entry_key(0)..entry_key(before))
+                .take(REMOVE_BATCH_ENTRIES)
+            {
+                let (key, value) = item?;
+                count += 1;
+                match decode_entry(&key, &value) {
+                    Ok(entry) => {
+                        let added = added_suffix(&key)?;
+                        let id_key = id_key(&entry.meta.id);
+                        if db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
+                            batch.remove(id_key);
+                        }
+                        let mut indexed = entry;
+                        indexed.meta.added = added;
+                        for index_key in index_keys(&indexed) {
+                            batch.remove(index_key);
+                        }
+                    }
+                    // Its index records cannot be found; readers skip them once the entry
+                    // is gone, so removing the entry alone keeps retention going.
+                    Err(error) => tracing::warn!(%error, "removing an undecodable entry"),
+                }
+                batch.remove(key);
+            }
+            if count == 0 {
+                break;
+            }
+            db.apply_batch(batch)?;
+            removed += count;
+            if count < REMOVE_BATCH_ENTRIES {
+                break;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Stops the writer after the queued requests and flushes.
+    ///
+    /// Appends already queued are still written; later appends get `LogError::Closed`.
+    /// Returns `LogError::Poisoned` when an earlier write failed.
+    pub async fn close(&self) -> Result<(), LogError> {
+        let sender = self
+            .inner
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(sender);
+        let mut stopped = self.inner.stopped.clone();
+        // An error means the writer is gone without reporting, which is just as stopped.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
+        if let Some(reason) = self.inner.shared.poison_reason() {
+            return Err(LogError::Poisoned(reason));
+        }
+        flush(&self.inner.shared.db).await?;
+        Ok(())
+    }
+}
+
+/// Opens the sled database, waiting a little for a lock that a closed log may still hold.
+fn open_db(dir: &Path) -> Result<sled::Db, LogError> {
+    let deadline = Instant::now() + Duration::from_millis(OPEN_LOCK_WAIT_MS);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled 0.34 reports a held lock only through this message, with kind `Other`.
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(OPEN_LOCK_RETRY_MS));
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
+/// Flushes the database on tokio's blocking pool.
+///
+/// Unlike sled's `flush_async`, the database handle is released before this returns, so that
+/// after `close` no background thread keeps the directory locked.
+async fn flush(db: &sled::Db) -> Result<(), sled::Error> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || db.flush()).await {
+        Ok(result) => result.map(|_| ()),
+        Err(error) => Err(sled::Error::Io(std::io::Error::other(format!(
+            "flush task failed: {error}"
+        )))),
+    }
+}
+
+/// Merges ascending position streams into one ascending stream without repeats.
+struct MergeAscending<I: Iterator<Item = Result<u64, LogError>>> {
+    /// The sources with their next item looked at.
+    sources: Vec<std::iter::Peekable<I>>,
+}
+
+impl<I: Iterator<Item = Result<u64, LogError>>> MergeAscending<I> {
+    /// Merges `sources`, each of which must be ascending.
+    fn new(sources: Vec<I>) -> Self {
+        MergeAscending {
+            sources: sources.into_iter().map(Iterator::peekable).collect(),
+        }
+    }
+}
+
+impl<I: Iterator<Item = Result<u64, LogError>>> Iterator for MergeAscending<I> {
+    type Item = Result<u64, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut smallest: Option<u64> = None;
+        for source in &mut self.sources {
+            match source.peek() {
+                Some(Ok(added)) => {
+                    smallest = Some(smallest.map_or(*added, |current| current.min(*added)));
+                }
+                // Errors surface right away; the source after them is not trusted.
+                Some(Err(_)) => return source.next(),
+                None => {}
+            }
+        }
+        let smallest = smallest?;
+        for source in &mut self.sources {
+            while matches!(source.peek(), Some(Ok(added)) if *added == smallest) {
+                source.next();
+            }
+        }
+        Some(Ok(smallest))
+    }
+}

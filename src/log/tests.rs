@@ -1,0 +1,588 @@
+use super::*;
+use crate::action::Meta;
+use serde_json::json;
+use std::sync::Mutex;
+
+/// Records what the writer reports, in order.
+#[derive(Default)]
+struct Recorder {
+    /// Every event, as text, shared with the hooks so their order can be checked.
+    events: Arc<Mutex<Vec<String>>>,
+    /// The entries of every `committed` call.
+    groups: Mutex<Vec<Vec<Arc<Entry>>>>,
+}
+
+impl CommitListener for Recorder {
+    fn committed(&self, entries: &[Arc<Entry>]) {
+        let added: Vec<String> = entries.iter().map(|e| e.meta.added.to_string()).collect();
+        self.events
+            .lock()
+            .expect("events lock")
+            .push(format!("listener {}", added.join(",")));
+        self.groups
+            .lock()
+            .expect("groups lock")
+            .push(entries.to_vec());
+    }
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<String> {
+        self.events.lock().expect("events lock").clone()
+    }
+
+    fn committed(&self) -> Vec<Arc<Entry>> {
+        self.groups
+            .lock()
+            .expect("groups lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+fn entry(id: &str) -> Entry {
+    Entry {
+        action: json!({ "type": "test", "id": id }),
+        meta: Meta {
+            id: id.to_owned(),
+            time: 1,
+            ..Meta::default()
+        },
+    }
+}
+
+fn in_channels(id: &str, channels: &[&str]) -> Entry {
+    let mut entry = entry(id);
+    entry.meta.channels = channels.iter().map(|c| (*c).to_owned()).collect();
+    entry
+}
+
+fn targeted(id: &str, users: &[&str], clients: &[&str], nodes: &[&str]) -> Entry {
+    let mut entry = entry(id);
+    entry.meta.users = users.iter().map(|c| (*c).to_owned()).collect();
+    entry.meta.clients = clients.iter().map(|c| (*c).to_owned()).collect();
+    entry.meta.nodes = nodes.iter().map(|c| (*c).to_owned()).collect();
+    entry
+}
+
+fn open(dir: &Path) -> (Log, Arc<Recorder>) {
+    open_with(dir, LogOptions::default())
+}
+
+fn open_with(dir: &Path, options: LogOptions) -> (Log, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let log = Log::open(dir, options, recorder.clone()).expect("log opens");
+    (log, recorder)
+}
+
+async fn reopen(log: Log, dir: &Path) -> (Log, Arc<Recorder>) {
+    log.close().await.expect("log closes");
+    drop(log);
+    open(dir)
+}
+
+fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
+    entries.iter().map(|e| e.meta.id.as_str()).collect()
+}
+
+fn positions(entries: &[Arc<Entry>]) -> Vec<u64> {
+    entries.iter().map(|e| e.meta.added).collect()
+}
+
+async fn append_all(log: &Log, entries: Vec<Entry>) -> Vec<AppendOutcome> {
+    log.append(entries, None).await.expect("append succeeds")
+}
+
+#[tokio::test]
+async fn append_assigns_increasing_added_from_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    assert_eq!(log.head(), 0);
+    let first = append_all(&log, vec![entry("1 a 0"), entry("2 a 0")]).await;
+    let second = append_all(&log, vec![entry("3 a 0")]).await;
+    assert_eq!(
+        first,
+        vec![AppendOutcome::Appended(1), AppendOutcome::Appended(2)]
+    );
+    assert_eq!(second, vec![AppendOutcome::Appended(3)]);
+    assert_eq!(log.head(), 3);
+    assert_eq!(log.added_of("2 a 0").expect("read"), Some(2));
+    assert_eq!(log.added_of("9 a 0").expect("read"), None);
+    let stored = log.entry_at(3).expect("read").expect("stored");
+    assert_eq!(stored.meta.added, 3);
+    assert_eq!(stored.meta.id, "3 a 0");
+}
+
+#[tokio::test]
+async fn duplicate_within_a_batch_reports_the_earlier_position() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let outcomes = append_all(&log, vec![entry("1 a 0"), entry("2 a 0"), entry("1 a 0")]).await;
+    assert_eq!(
+        outcomes,
+        vec![
+            AppendOutcome::Appended(1),
+            AppendOutcome::Appended(2),
+            AppendOutcome::Duplicate(1),
+        ]
+    );
+    assert_eq!(positions(&recorder.committed()), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn duplicate_across_batches_reports_the_stored_position() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    append_all(&log, vec![entry("1 a 0"), entry("2 a 0")]).await;
+    let outcomes = append_all(&log, vec![entry("2 a 0"), entry("3 a 0")]).await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Duplicate(2), AppendOutcome::Appended(3)]
+    );
+    let only_duplicates = append_all(&log, vec![entry("1 a 0")]).await;
+    assert_eq!(only_duplicates, vec![AppendOutcome::Duplicate(1)]);
+    assert_eq!(positions(&recorder.committed()), vec![1, 2, 3]);
+    assert_eq!(log.head(), 3);
+}
+
+#[tokio::test]
+async fn hook_runs_after_the_flush_and_before_the_listener() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let events = recorder.events.clone();
+    let hook_log = log.clone();
+    let hook: DurableHook = Box::new(move |outcomes: &[AppendOutcome]| {
+        let head_is_durable = outcomes.iter().all(|outcome| match outcome {
+            AppendOutcome::Appended(added) | AppendOutcome::Duplicate(added) => {
+                *added <= hook_log.head()
+            }
+        });
+        events
+            .lock()
+            .expect("events lock")
+            .push(format!("hook {outcomes:?} durable={head_is_durable}"));
+    });
+    let outcomes = log
+        .append(vec![entry("1 a 0"), entry("1 a 0")], Some(hook))
+        .await
+        .expect("append succeeds");
+    assert_eq!(
+        recorder.events(),
+        vec![
+            format!("hook {outcomes:?} durable=true"),
+            "listener 1".to_owned()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn empty_append_still_calls_the_hook() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let called = Arc::new(Mutex::new(false));
+    let flag = called.clone();
+    let outcomes = log
+        .append(
+            Vec::new(),
+            Some(Box::new(move |_: &[AppendOutcome]| {
+                *flag.lock().expect("flag lock") = true;
+            })),
+        )
+        .await
+        .expect("append succeeds");
+    assert!(outcomes.is_empty());
+    assert!(*called.lock().expect("flag lock"));
+    assert!(
+        recorder.events().is_empty(),
+        "nothing new, no listener call"
+    );
+    assert_eq!(log.group_commits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_sees_entries_in_added_order_with_added_set() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..5 {
+                let id = format!("{n} t{task} 0");
+                log.append(vec![entry(&id)], None).await.expect("append");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let committed = recorder.committed();
+    assert_eq!(positions(&committed), (1..=40).collect::<Vec<u64>>());
+    for entry in &committed {
+        assert_eq!(
+            log.added_of(&entry.meta.id).expect("read"),
+            Some(entry.meta.added)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_only_grows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    let watcher_log = log.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher_done = done.clone();
+    let watcher = tokio::spawn(async move {
+        let mut last = 0;
+        let mut samples = 0;
+        while !watcher_done.load(Ordering::Acquire) {
+            let head = watcher_log.head();
+            assert!(head >= last, "head went back from {last} to {head}");
+            last = head;
+            samples += 1;
+            tokio::task::yield_now().await;
+        }
+        samples
+    });
+    for n in 0..30 {
+        let before = log.head();
+        append_all(&log, vec![entry(&format!("{n} a 0"))]).await;
+        assert!(log.head() > before);
+    }
+    log.remove_before(20).expect("retention");
+    assert_eq!(log.head(), 30);
+    done.store(true, Ordering::Release);
+    assert!(watcher.await.expect("watcher") > 0);
+}
+
+#[tokio::test]
+async fn reopen_preserves_entries_indexes_and_settings() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        vec![
+            in_channels("1 a 0", &["users/1"]),
+            targeted("2 a 0", &["10"], &[], &[]),
+        ],
+    )
+    .await;
+    log.put_setting("node_id", "server:abc").expect("setting");
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(log.head(), 2);
+    assert_eq!(log.added_of("1 a 0").expect("read"), Some(1));
+    let channel = log.channel_since("users/1", 0, u64::MAX, 10).expect("read");
+    assert_eq!(ids(&channel), vec!["1 a 0"]);
+    let targeted = log
+        .targeted_since(Some("10"), "10:x", "10:x:1", 0, u64::MAX, 10)
+        .expect("read");
+    assert_eq!(ids(&targeted), vec!["2 a 0"]);
+    assert_eq!(
+        log.get_setting("node_id").expect("read").as_deref(),
+        Some("server:abc")
+    );
+    assert_eq!(log.get_setting("missing").expect("read"), None);
+    let outcomes = append_all(&log, vec![entry("1 a 0"), entry("3 a 0")]).await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Duplicate(1), AppendOutcome::Appended(3)]
+    );
+}
+
+#[tokio::test]
+async fn reopen_never_reuses_added_after_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(&log, (0..5).map(|n| entry(&format!("{n} a 0"))).collect()).await;
+    assert_eq!(log.remove_before(u64::MAX).expect("retention"), 5);
+    assert_eq!(log.entry_at(5).expect("read"), None);
+    assert_eq!(log.added_of("4 a 0").expect("read"), None);
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(log.head(), 5);
+    let outcomes = append_all(&log, vec![entry("4 a 0")]).await;
+    assert_eq!(outcomes, vec![AppendOutcome::Appended(6)]);
+}
+
+#[tokio::test]
+async fn setting_named_last_added_does_not_touch_the_counter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(&log, vec![entry("1 a 0")]).await;
+    log.put_setting("last_added", "x").expect("setting");
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(log.head(), 1);
+    assert_eq!(
+        log.get_setting("last_added").expect("read").as_deref(),
+        Some("x")
+    );
+}
+
+#[tokio::test]
+async fn channel_since_respects_bounds_and_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        vec![
+            in_channels("1 a 0", &["a"]),
+            in_channels("2 a 0", &["b"]),
+            in_channels("3 a 0", &["a", "b"]),
+            in_channels("4 a 0", &["ab"]),
+            in_channels("5 a 0", &["a"]),
+            in_channels("6 a 0", &["a"]),
+        ],
+    )
+    .await;
+    let read =
+        |after, upto, limit| positions(&log.channel_since("a", after, upto, limit).expect("read"));
+    assert_eq!(read(0, u64::MAX, 100), vec![1, 3, 5, 6]);
+    assert_eq!(read(1, u64::MAX, 100), vec![3, 5, 6]);
+    assert_eq!(read(1, 5, 100), vec![3, 5]);
+    assert_eq!(read(0, 6, 2), vec![1, 3]);
+    assert_eq!(read(0, 6, 0), Vec::<u64>::new());
+    assert_eq!(read(6, 6, 10), Vec::<u64>::new());
+    assert_eq!(read(5, 2, 10), Vec::<u64>::new());
+    assert_eq!(read(u64::MAX, u64::MAX, 10), Vec::<u64>::new());
+    let other = log.channel_since("ab", 0, u64::MAX, 10).expect("read");
+    assert_eq!(positions(&other), vec![4]);
+    assert!(log.channel_since("c", 0, 10, 10).expect("read").is_empty());
+}
+
+#[tokio::test]
+async fn channel_tail_returns_the_newest_oldest_first() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        (1..=6)
+            .map(|n| {
+                in_channels(
+                    &format!("{n} a 0"),
+                    if n % 2 == 0 { &["e"] } else { &["o"] },
+                )
+            })
+            .collect(),
+    )
+    .await;
+    let tail = |upto, limit| positions(&log.channel_tail("e", upto, limit).expect("read"));
+    assert_eq!(tail(u64::MAX, 2), vec![4, 6]);
+    assert_eq!(tail(5, 2), vec![2, 4]);
+    assert_eq!(tail(6, 10), vec![2, 4, 6]);
+    assert_eq!(tail(1, 10), Vec::<u64>::new());
+    assert_eq!(tail(6, 0), Vec::<u64>::new());
+}
+
+#[tokio::test]
+async fn targeted_since_merges_users_clients_and_nodes_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        vec![
+            targeted("1 a 0", &["10"], &[], &[]),
+            targeted("2 a 0", &[], &["10:x"], &[]),
+            targeted("3 a 0", &[], &[], &["10:x:1"]),
+            targeted("4 a 0", &["10"], &["10:x"], &["10:x:1"]),
+            targeted("5 a 0", &["11"], &["11:y"], &["11:y:1"]),
+            targeted("6 a 0", &[], &["10:xy"], &["10:x:12"]),
+            targeted("7 a 0", &["10"], &[], &[]),
+        ],
+    )
+    .await;
+    let read = |user, after, upto, limit| {
+        positions(
+            &log.targeted_since(user, "10:x", "10:x:1", after, upto, limit)
+                .expect("read"),
+        )
+    };
+    assert_eq!(read(Some("10"), 0, u64::MAX, 100), vec![1, 2, 3, 4, 7]);
+    assert_eq!(read(None, 0, u64::MAX, 100), vec![2, 3, 4]);
+    assert_eq!(read(Some("10"), 1, 4, 100), vec![2, 3, 4]);
+    assert_eq!(read(Some("10"), 0, u64::MAX, 3), vec![1, 2, 3]);
+    assert_eq!(read(Some("10"), 4, u64::MAX, 100), vec![7]);
+    assert_eq!(read(Some("10"), 0, u64::MAX, 0), Vec::<u64>::new());
+}
+
+#[tokio::test]
+async fn readers_skip_entries_removed_by_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        (1..=6)
+            .map(|n| {
+                let mut entry = in_channels(&format!("{n} a 0"), &["a"]);
+                entry.meta.users = vec!["10".to_owned()];
+                entry
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!(log.remove_before(4).expect("retention"), 3);
+    assert_eq!(log.remove_before(4).expect("retention"), 0);
+    let channel = log.channel_since("a", 0, u64::MAX, 2).expect("read");
+    assert_eq!(positions(&channel), vec![4, 5]);
+    let tail = log.channel_tail("a", u64::MAX, 10).expect("read");
+    assert_eq!(positions(&tail), vec![4, 5, 6]);
+    let targeted = log
+        .targeted_since(Some("10"), "c", "n", 0, u64::MAX, 2)
+        .expect("read");
+    assert_eq!(positions(&targeted), vec![4, 5]);
+    assert_eq!(log.added_of("1 a 0").expect("read"), None);
+}
+
+#[tokio::test]
+async fn readers_skip_index_records_without_entry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        (1..=3)
+            .map(|n| in_channels(&format!("{n} a 0"), &["a"]))
+            .collect(),
+    )
+    .await;
+    // Simulate an index record that outlived its entry.
+    log.inner
+        .shared
+        .db
+        .remove(entry_key(2))
+        .expect("remove entry");
+    let channel = log.channel_since("a", 0, u64::MAX, 10).expect("read");
+    assert_eq!(positions(&channel), vec![1, 3]);
+}
+
+#[tokio::test]
+async fn channel_with_nul_is_not_indexed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(&log, vec![in_channels("1 a 0", &["a\0b", "a"])]).await;
+    assert!(log
+        .channel_since("a\0b", 0, 10, 10)
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        positions(&log.channel_since("a", 0, 10, 10).expect("read")),
+        vec![1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_share_group_commits() {
+    const TASKS: usize = 50;
+    const APPENDS_PER_TASK: usize = 20;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut positions = Vec::new();
+            for n in 0..APPENDS_PER_TASK {
+                let id = format!("{n} t{task} 0");
+                // Each append repeats its id, so every group also sees duplicates.
+                let outcomes = log
+                    .append(vec![entry(&id), entry(&id)], None)
+                    .await
+                    .expect("append");
+                match outcomes[..] {
+                    [AppendOutcome::Appended(added), AppendOutcome::Duplicate(again)] => {
+                        assert_eq!(added, again);
+                        positions.push(added);
+                    }
+                    _ => panic!("unexpected outcomes {outcomes:?}"),
+                }
+            }
+            positions
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("task"));
+    }
+    let total = (TASKS * APPENDS_PER_TASK) as u64;
+    all.sort_unstable();
+    assert_eq!(all, (1..=total).collect::<Vec<u64>>());
+    assert_eq!(log.head(), total);
+    assert_eq!(positions(&recorder.committed()), all);
+    assert!(
+        log.group_commits() < total,
+        "{} group commits for {total} appends",
+        log.group_commits()
+    );
+    let tail = log.remove_before(u64::MAX).expect("retention");
+    assert_eq!(tail as u64, total, "every entry stored exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_respects_the_entry_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = LogOptions {
+        group_commit_entries_max: 3,
+        writer_queue_len: 64,
+    };
+    let (log, recorder) = open_with(dir.path(), options);
+    let mut tasks = Vec::new();
+    for task in 0..20 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            log.append(vec![entry(&format!("1 t{task} 0"))], None)
+                .await
+                .expect("append")
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let groups = recorder.groups.lock().expect("groups lock");
+    assert!(groups.iter().all(|group| group.len() <= 3));
+    assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 20);
+}
+
+#[tokio::test]
+async fn close_finishes_queued_appends_and_rejects_later_ones() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    let queued = {
+        let log = log.clone();
+        tokio::spawn(async move { log.append(vec![entry("1 a 0")], None).await })
+    };
+    tokio::task::yield_now().await;
+    log.close().await.expect("close");
+    assert_eq!(
+        queued.await.expect("task").expect("append"),
+        vec![AppendOutcome::Appended(1)]
+    );
+    assert!(matches!(
+        log.append(vec![entry("2 a 0")], None).await,
+        Err(LogError::Closed)
+    ));
+    assert_eq!(log.head(), 1);
+    assert_eq!(log.added_of("1 a 0").expect("read"), Some(1));
+}
+
+#[tokio::test]
+async fn poisoned_log_refuses_appends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(&log, vec![entry("1 a 0")]).await;
+    log.inner.shared.poison("disk on fire");
+    let result = log.append(vec![entry("2 a 0")], None).await;
+    assert!(matches!(result, Err(LogError::Poisoned(reason)) if reason == "disk on fire"));
+    assert!(matches!(log.close().await, Err(LogError::Poisoned(_))));
+    assert_eq!(log.added_of("1 a 0").expect("reads still work"), Some(1));
+}
+
+#[test]
+fn open_outside_a_runtime_fails_without_panicking() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let result = Log::open(
+        dir.path(),
+        LogOptions::default(),
+        Arc::new(Recorder::default()),
+    );
+    assert!(matches!(result, Err(LogError::Closed)));
+}

@@ -1,0 +1,226 @@
+//! The single writer task: it owns the `added` counter and turns queued appends into group
+//! commits (one sled batch and one flush for many requests).
+
+use super::keys::{entry_key, id_key, index_keys, last_added_key};
+use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared};
+use crate::action::Entry;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// The answer an `append` waits for.
+pub(super) type Reply = oneshot::Sender<Result<Vec<AppendOutcome>, LogError>>;
+
+/// One `append` call waiting in the writer's queue.
+pub(super) struct Request {
+    /// The entries to store, in the caller's order.
+    pub(super) entries: Vec<Entry>,
+    /// Called with the outcomes after the flush, before the commit listener.
+    pub(super) hook: Option<DurableHook>,
+    /// Where the outcomes go.
+    pub(super) reply: Reply,
+}
+
+/// A request whose entries were turned into records for the group's batch.
+struct Staged {
+    /// The outcomes, or why this request alone failed before anything was written.
+    result: Result<Vec<AppendOutcome>, LogError>,
+    /// The caller's hook, called only when the group commit succeeds.
+    hook: Option<DurableHook>,
+    /// Where the outcomes go.
+    reply: Reply,
+}
+
+/// State of the writer task.
+pub(super) struct Writer {
+    /// The storage shared with the readers.
+    pub(super) shared: Arc<Shared>,
+    /// The queue of appends.
+    pub(super) receiver: mpsc::Receiver<Request>,
+    /// Told about every group commit.
+    pub(super) listener: Arc<dyn CommitListener>,
+    /// The `added` the next new entry gets.
+    pub(super) next_added: u64,
+    /// Most entries gathered into one group commit.
+    pub(super) group_entries_max: usize,
+}
+
+impl Writer {
+    /// Serves the queue until every sender is gone, then reports through `stopped`.
+    pub(super) async fn run(mut self, stopped: watch::Sender<bool>) {
+        while let Some(first) = self.receiver.recv().await {
+            let group = self.gather(first);
+            self.commit(group).await;
+        }
+        // The storage must be released before `close` returns, so that the directory can be
+        // opened again right away: sled holds a file lock while any handle is alive.
+        drop(self);
+        // Nobody waiting for the stop is fine: then nobody needs to know.
+        let _ = stopped.send(true);
+    }
+
+    /// Takes the requests that are already queued behind `first`, up to the entry limit.
+    fn gather(&mut self, first: Request) -> Vec<Request> {
+        let mut count = first.entries.len();
+        let mut group = vec![first];
+        while count < self.group_entries_max {
+            match self.receiver.try_recv() {
+                Ok(request) => {
+                    count += request.entries.len();
+                    group.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        group
+    }
+
+    /// Writes one group: one batch, one flush, then the hooks, the listener and the replies.
+    async fn commit(&mut self, group: Vec<Request>) {
+        if let Some(reason) = self.shared.poison_reason() {
+            for request in group {
+                // A caller that stopped waiting does not need the answer.
+                let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
+            }
+            return;
+        }
+
+        let mut batch = sled::Batch::default();
+        let mut group_ids = HashMap::new();
+        let mut stored = Vec::new();
+        let mut staged = Vec::with_capacity(group.len());
+        for request in group {
+            let result = self.stage(request.entries, &mut group_ids, &mut batch, &mut stored);
+            staged.push(Staged {
+                result,
+                hook: request.hook,
+                reply: request.reply,
+            });
+        }
+
+        if !stored.is_empty() {
+            let last_added = self.next_added.saturating_sub(1);
+            batch.insert(last_added_key(), &last_added.to_be_bytes());
+            if let Err(reason) = self.write(batch).await {
+                for request in staged {
+                    let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
+                }
+                return;
+            }
+            self.shared.head.fetch_max(last_added, Ordering::AcqRel);
+            self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+        }
+
+        for request in &mut staged {
+            if let (Ok(outcomes), Some(hook)) = (&request.result, request.hook.take()) {
+                if catch_unwind(AssertUnwindSafe(|| hook(outcomes))).is_err() {
+                    tracing::error!("a durable hook of the log panicked");
+                }
+            }
+        }
+        if !stored.is_empty() {
+            let listener = &self.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.committed(&stored))).is_err() {
+                tracing::error!("the commit listener of the log panicked");
+            }
+        }
+        for request in staged {
+            let _ = request.reply.send(request.result);
+        }
+    }
+
+    /// Applies the batch and flushes it; on failure poisons the log and returns the reason.
+    async fn write(&self, batch: sled::Batch) -> Result<(), String> {
+        let result = match self.shared.db.apply_batch(batch) {
+            Ok(()) => super::flush(&self.shared.db).await,
+            Err(error) => Err(error),
+        };
+        result.map_err(|error| {
+            let reason = error.to_string();
+            tracing::error!(error = %reason, "log write failed; the log refuses further writes");
+            self.shared.poison(&reason);
+            reason
+        })
+    }
+
+    /// Turns one request's entries into records of `batch`.
+    ///
+    /// Entries whose id is already stored, or appears earlier in the group, become duplicates.
+    /// When anything fails, this request leaves no trace: its numbers are handed out again and
+    /// its records are not added to the batch.
+    fn stage(
+        &mut self,
+        entries: Vec<Entry>,
+        group_ids: &mut HashMap<String, u64>,
+        batch: &mut sled::Batch,
+        stored: &mut Vec<Arc<Entry>>,
+    ) -> Result<Vec<AppendOutcome>, LogError> {
+        let first_added = self.next_added;
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut fresh = Vec::new();
+        let mut result = Ok(());
+        for mut entry in entries {
+            if let Some(&existing) = group_ids.get(&entry.meta.id) {
+                outcomes.push(AppendOutcome::Duplicate(existing));
+                continue;
+            }
+            match self.stored_added(&entry.meta.id) {
+                Ok(Some(existing)) => {
+                    outcomes.push(AppendOutcome::Duplicate(existing));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    result = Err(error);
+                    break;
+                }
+            }
+            let added = self.next_added;
+            entry.meta.added = added;
+            let json = match serde_json::to_vec(&entry) {
+                Ok(json) => json,
+                Err(error) => {
+                    result = Err(LogError::Corrupt {
+                        key: entry.meta.id.clone(),
+                        reason: format!("cannot encode the entry: {error}"),
+                    });
+                    break;
+                }
+            };
+            records.push((entry_key(added).to_vec(), json));
+            records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
+            for key in index_keys(&entry) {
+                records.push((key, Vec::new()));
+            }
+            group_ids.insert(entry.meta.id.clone(), added);
+            // A u64 counter that grows by one per stored entry does not overflow in practice.
+            self.next_added += 1;
+            outcomes.push(AppendOutcome::Appended(added));
+            fresh.push(entry);
+        }
+        if let Err(error) = result {
+            self.next_added = first_added;
+            for entry in &fresh {
+                group_ids.remove(&entry.meta.id);
+            }
+            return Err(error);
+        }
+        for (key, value) in records {
+            batch.insert(key, value);
+        }
+        stored.extend(fresh.into_iter().map(Arc::new));
+        Ok(outcomes)
+    }
+
+    /// The position of an already stored id.
+    fn stored_added(&self, id: &str) -> Result<Option<u64>, LogError> {
+        let key = id_key(id);
+        match self.shared.db.get(&key)? {
+            Some(value) => super::keys::decode_added(&key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+}

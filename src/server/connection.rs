@@ -1,0 +1,322 @@
+//! One client connection, whatever the transport: reads frames into the protocol session,
+//! runs authentication, hands actions to the pipeline worker, and writes the outbox.
+//!
+//! Transports adapt their sockets to a `Stream` of `Inbound` and a `Sink` of text frames.
+
+use super::hub::{ConnHandle, Outbound};
+use super::pipeline::Worker;
+use super::Server;
+use crate::action::Entry;
+use crate::protocol::{AuthRequest, IncomingSync, Output, ProtocolError, Session};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::collections::{HashSet, VecDeque};
+use std::fmt::Display;
+use std::future::pending;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+
+/// `sync` messages of one client waiting for its pipeline worker.
+pub const PIPELINE_QUEUE_SYNCS_MAX: usize = 16;
+
+/// How many recently sent positions a connection remembers to avoid sending an action twice
+/// when a catch-up and a live delivery overlap.
+pub const RECENT_SENT_POSITIONS_MAX: usize = 4_096;
+
+/// What a transport hands the connection.
+#[derive(Debug)]
+pub enum Inbound {
+    /// One text frame.
+    Text(String),
+    /// A frame the transport could not accept (too large, not UTF-8).
+    Invalid(ProtocolError),
+}
+
+/// Facts about the peer that transports know and auth may use.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TCP peer address (proxies' `X-Forwarded-For` is not trusted).
+    pub addr: IpAddr,
+    /// `"ws"` or `"long-poll"`, for logs and metrics.
+    pub transport: &'static str,
+}
+
+/// Remembers the last positions sent, to drop a second copy of the same action.
+#[derive(Debug, Default)]
+struct RecentlySent {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl RecentlySent {
+    /// Records `added`; false when it was sent recently.
+    fn insert(&mut self, added: u64) -> bool {
+        if !self.set.insert(added) {
+            return false;
+        }
+        self.order.push_back(added);
+        if self.order.len() > RECENT_SENT_POSITIONS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The state of one connection's task.
+struct Connection {
+    server: Arc<Server>,
+    peer: Peer,
+    session: Session,
+    handle: Option<Arc<ConnHandle>>,
+    outbox: Option<mpsc::Receiver<Outbound>>,
+    jobs: Option<mpsc::Sender<IncomingSync>>,
+    auth: Option<oneshot::Receiver<bool>>,
+    /// Open catch-ups; live entries are held while any is open.
+    catchups_open: usize,
+    held: Vec<Arc<Entry>>,
+    recent: RecentlySent,
+    /// Frames to write before the next flush.
+    pending_frames: Vec<String>,
+    close: bool,
+}
+
+/// Runs one connection until it closes.
+pub async fn run<S, K, E>(server: Arc<Server>, mut incoming: S, mut outgoing: K, peer: Peer)
+where
+    S: Stream<Item = Inbound> + Unpin,
+    K: Sink<String, Error = E> + Unpin,
+    E: Display,
+{
+    let limits = &server.config.limits;
+    let handshake_deadline = Instant::now() + Duration::from_millis(limits.handshake_timeout_ms);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let mut idle_deadline = Instant::now() + idle;
+    let mut conn = Connection {
+        session: Session::new(server.session_config.clone()),
+        server: server.clone(),
+        peer,
+        handle: None,
+        outbox: None,
+        jobs: None,
+        auth: None,
+        catchups_open: 0,
+        held: Vec::new(),
+        recent: RecentlySent::default(),
+        pending_frames: Vec::new(),
+        close: false,
+    };
+    loop {
+        let handle = conn.handle.clone();
+        let deadline = if conn.session.is_handshaking() {
+            handshake_deadline.min(idle_deadline)
+        } else {
+            idle_deadline
+        };
+        tokio::select! {
+            biased;
+            _ = kicked(handle.as_deref()) => {
+                conn.close = true;
+            }
+            _ = server.shutdown_signal.notified(), if conn.handle.is_none() => {
+                conn.close = true;
+            }
+            result = auth_result(&mut conn.auth) => {
+                conn.auth = None;
+                conn.finish_auth(result).await;
+            }
+            item = next_outbound(&mut conn.outbox) => {
+                match item {
+                    Some(item) => {
+                        conn.outbound(item);
+                        // Drain what is already queued so one flush carries many frames.
+                        while let Some(Ok(item)) = conn.outbox.as_mut().map(mpsc::Receiver::try_recv) {
+                            conn.outbound(item);
+                            if conn.pending_frames.len() >= 256 { break; }
+                        }
+                    }
+                    None => conn.close = true,
+                }
+            }
+            frame = incoming.next() => {
+                idle_deadline = Instant::now() + idle;
+                match frame {
+                    Some(Inbound::Text(text)) => {
+                        let now = server.clock.now_ms();
+                        let outputs = conn.session.receive(&text, now);
+                        conn.execute(outputs).await;
+                    }
+                    Some(Inbound::Invalid(error)) => {
+                        let outputs = conn.session.fail(error);
+                        conn.execute(outputs).await;
+                    }
+                    None => conn.close = true,
+                }
+            }
+            _ = sleep_until(deadline) => {
+                tracing::debug!(addr = %conn.peer.addr, "closing a connection that sent nothing in time");
+                conn.close = true;
+            }
+        }
+        if !conn.pending_frames.is_empty() {
+            let frames = std::mem::take(&mut conn.pending_frames);
+            let mut write_failed = false;
+            for frame in frames {
+                if outgoing.feed(frame).await.is_err() {
+                    write_failed = true;
+                    break;
+                }
+            }
+            if write_failed || outgoing.flush().await.is_err() {
+                conn.close = true;
+            }
+        }
+        if conn.close {
+            break;
+        }
+    }
+    if let Err(error) = outgoing.close().await {
+        tracing::debug!(%error, "closing a connection failed");
+    }
+    if let Some(handle) = conn.handle.take() {
+        server.hub.unregister(&handle);
+    }
+}
+
+async fn kicked(handle: Option<&ConnHandle>) {
+    match handle {
+        Some(handle) => loop {
+            if handle.is_kicked() {
+                return;
+            }
+            handle.kick_signal.notified().await;
+        },
+        None => pending().await,
+    }
+}
+
+async fn auth_result(auth: &mut Option<oneshot::Receiver<bool>>) -> bool {
+    match auth {
+        Some(receiver) => receiver.await.unwrap_or(false),
+        None => pending().await,
+    }
+}
+
+async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
+    match outbox {
+        Some(receiver) => receiver.recv().await,
+        None => pending().await,
+    }
+}
+
+impl Connection {
+    async fn execute(&mut self, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Frame(frame) => self.pending_frames.push(frame),
+                Output::Close => self.close = true,
+                Output::Authenticate(request) => self.start_auth(request),
+                Output::Actions(sync) => {
+                    if let Some(jobs) = &self.jobs {
+                        // Waiting here is the backpressure on a client that sends faster than
+                        // its actions can be stored.
+                        if jobs.send(sync).await.is_err() {
+                            self.close = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_auth(&mut self, request: AuthRequest) {
+        let (tx, rx) = oneshot::channel();
+        let server = self.server.clone();
+        let addr = self.peer.addr;
+        tokio::spawn(async move {
+            let delay = server.bruteforce.delay_for(addr, server.clock.now_ms());
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let now = server.clock.now_ms();
+            let ok = server.auth.check(
+                request.ids.user_id.as_deref(),
+                request.token.as_deref(),
+                now,
+            );
+            if !ok {
+                server.bruteforce.record_failure(addr, now);
+            }
+            // The connection may be gone already; nothing to do then.
+            let _ = tx.send(ok);
+        });
+        self.auth = Some(rx);
+    }
+
+    async fn finish_auth(&mut self, ok: bool) {
+        if !ok {
+            tracing::info!(addr = %self.peer.addr, transport = self.peer.transport, "authentication failed");
+            let outputs = self.session.auth_failed();
+            self.execute(outputs).await;
+            return;
+        }
+        let Some(remote) = self.session.remote_pending().cloned() else {
+            return;
+        };
+        let limits = &self.server.config.limits;
+        let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
+        let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
+        let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
+        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced);
+        tokio::spawn(worker.run(jobs_rx));
+        self.handle = Some(handle);
+        self.outbox = Some(outbox_rx);
+        self.jobs = Some(jobs_tx);
+        tracing::debug!(node = %remote.ids.node_id, transport = self.peer.transport, "client authenticated");
+        let outputs = self.session.authenticated(self.server.clock.now_ms());
+        self.execute(outputs).await;
+    }
+
+    fn outbound(&mut self, item: Outbound) {
+        match item {
+            Outbound::Entries(entries) => {
+                if self.catchups_open > 0 {
+                    self.held.extend(entries);
+                    if self.held.len() > self.server.config.limits.outbox_len * 16 {
+                        tracing::warn!(
+                            "too many live actions held during a catch-up, disconnecting"
+                        );
+                        self.close = true;
+                    }
+                } else {
+                    self.send_entries(entries);
+                }
+            }
+            Outbound::CatchupPending => self.catchups_open += 1,
+            Outbound::Catchup(entries) => self.send_entries(entries),
+            Outbound::CatchupDone => {
+                self.catchups_open = self.catchups_open.saturating_sub(1);
+                if self.catchups_open == 0 && !self.held.is_empty() {
+                    let mut held = std::mem::take(&mut self.held);
+                    held.sort_by_key(|entry| entry.meta.added);
+                    self.send_entries(held);
+                }
+            }
+            Outbound::Synced(added) => self.pending_frames.push(Session::synced_frame(&added)),
+            Outbound::Frame(frame) => self.pending_frames.push(frame),
+        }
+    }
+
+    fn send_entries(&mut self, entries: Vec<Arc<Entry>>) {
+        let fresh: Vec<_> = entries
+            .into_iter()
+            .filter(|entry| self.recent.insert(entry.meta.added))
+            .collect();
+        if let Some(frame) = self.session.sync_frame(&fresh) {
+            self.pending_frames.push(frame);
+        }
+    }
+}

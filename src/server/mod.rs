@@ -1,0 +1,178 @@
+//! The server: shared state (rules, log, hub, clock) and the per-connection logic that joins
+//! the protocol core to the log. Transports feed it frames; it knows nothing about sockets.
+
+pub mod connection;
+pub mod hub;
+pub mod pipeline;
+
+use crate::clock::Clock;
+use crate::config::{Config, Env};
+use crate::log::{Log, LogError, LogOptions};
+use crate::protocol::SessionConfig;
+use crate::rules::auth::{Authenticator, BruteForceGuard};
+use crate::rules::Rules;
+use hub::Hub;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Key of the persisted server node id in the log's settings.
+const NODE_ID_SETTING: &str = "server_node_id";
+
+/// How many of the newest log entries are read at start-up to find the server's last own
+/// action id, so that ids created after a restart are new even if the clock went back.
+const ID_SEED_SCAN_ENTRIES: u64 = 10_000;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The log could not be opened.
+    #[error("cannot open the log in {dir}: {source}")]
+    Log {
+        /// The data directory.
+        dir: String,
+        /// Why.
+        source: LogError,
+    },
+    /// The rules in the configuration are invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Everything the connections share.
+pub struct Server {
+    /// The configuration the server runs with.
+    pub config: Config,
+    /// Compiled channel and type rules.
+    pub rules: Rules,
+    /// Credential checks.
+    pub auth: Authenticator,
+    /// Slows down addresses that fail authentication repeatedly.
+    pub bruteforce: BruteForceGuard,
+    /// The durable action log.
+    pub log: Log,
+    /// Connections and subscriptions.
+    pub hub: Arc<Hub>,
+    /// The only source of wall time.
+    pub clock: Arc<dyn Clock>,
+    /// Settings for every protocol session.
+    pub session_config: Arc<SessionConfig>,
+    /// State of the server's own action id generator: last ms and sequence.
+    id_state: Mutex<(i64, u64)>,
+    /// Set when shutdown starts.
+    shutting_down: AtomicBool,
+    /// Wakes connections when shutdown starts.
+    pub shutdown_signal: Notify,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("node_id", &self.session_config.server_node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `(ms, seq)` of the newest action id of `node_id` among the last log entries.
+fn last_own_id(log: &Log, node_id: &str) -> Result<(i64, u64), LogError> {
+    let head = log.head();
+    let mut newest = (0, 0);
+    for added in (head.saturating_sub(ID_SEED_SCAN_ENTRIES) + 1..=head).rev() {
+        let Some(entry) = log.entry_at(added)? else {
+            continue;
+        };
+        if let Some(id) = crate::action::ActionId::parse(&entry.meta.id) {
+            if id.node == node_id {
+                newest = newest.max((id.ms, id.seq));
+            }
+        }
+    }
+    Ok(newest)
+}
+
+impl Server {
+    /// Opens the log in `config.data_dir` and builds the shared state. Must run inside a
+    /// tokio runtime. `node_id` overrides the persisted server node id (tests).
+    pub fn open(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        node_id: Option<String>,
+    ) -> Result<Arc<Server>, ServerError> {
+        let rules = Rules::new(&config)?;
+        let auth = Authenticator::new(&config.auth);
+        let hub = Arc::new(Hub::new());
+        let log_error = |source| ServerError::Log {
+            dir: config.data_dir.display().to_string(),
+            source,
+        };
+        let log =
+            Log::open(&config.data_dir, LogOptions::default(), hub.clone()).map_err(log_error)?;
+        let node_id = match node_id {
+            Some(node_id) => node_id,
+            None => match log.get_setting(NODE_ID_SETTING).map_err(log_error)? {
+                Some(node_id) => node_id,
+                None => {
+                    let random = ulid::Ulid::new().to_string().to_lowercase();
+                    let node_id = format!("server:{}", &random[random.len() - 8..]);
+                    log.put_setting(NODE_ID_SETTING, &node_id)
+                        .map_err(log_error)?;
+                    node_id
+                }
+            },
+        };
+        let id_seed = last_own_id(&log, &node_id).map_err(log_error)?;
+        let session_config = Arc::new(SessionConfig {
+            server_node_id: node_id,
+            development: config.env == Env::Development,
+            subprotocol: config.subprotocol,
+            min_subprotocol: config.min_subprotocol,
+            sync_pairs_max: config.limits.sync_pairs_max,
+        });
+        Ok(Arc::new(Server {
+            config,
+            rules,
+            auth,
+            bruteforce: BruteForceGuard::default(),
+            log,
+            hub,
+            clock,
+            session_config,
+            id_state: Mutex::new(id_seed),
+            shutting_down: AtomicBool::new(false),
+            shutdown_signal: Notify::new(),
+        }))
+    }
+
+    /// This server's node id.
+    pub fn node_id(&self) -> &str {
+        &self.session_config.server_node_id
+    }
+
+    /// A new id for an action the server creates, `"<ms> server:<id> <seq>"`, growing like
+    /// Logux's `generateId`.
+    pub fn next_action_id(&self) -> (String, i64) {
+        let now = self.clock.now_ms();
+        let mut state = match self.id_state.lock() {
+            Ok(state) => state,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if now <= state.0 {
+            state.1 += 1;
+        } else {
+            *state = (now, 0);
+        }
+        (format!("{} {} {}", state.0, self.node_id(), state.1), now)
+    }
+
+    /// True once shutdown started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Starts shutdown: connections close, new ones are refused.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.shutdown_signal.notify_waiters();
+        self.hub.kick_all();
+    }
+}

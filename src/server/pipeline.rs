@@ -1,0 +1,359 @@
+//! The action pipeline of one connection: identity → rules (type, access, resend) → durable
+//! append (group commit) → `synced` → delivery → `logux/processed` or `logux/undo`.
+//!
+//! One worker task per connection handles that client's `sync` messages strictly in order;
+//! different clients run in parallel. Every step that a back-end hook may later take over
+//! (access, resend, load) is a separate method here, so it can become an async call without
+//! touching the transport or the protocol core.
+//!
+//! Ordering rule after an undo: unlike `@logux/server`, which undoes every later queued action
+//! of the same client with reason `error` once one action is undone, Ferry judges each action
+//! on its own. A client's unrelated offline actions are not lost because one was denied.
+
+use super::hub::{ConnHandle, Outbound};
+use super::Server;
+use crate::action::{Entry, Meta};
+use crate::log::{AppendOutcome, DurableHook, LogError};
+use crate::protocol::{IncomingEntry, IncomingSync};
+use crate::rules::{ActionDecision, SubscribeDecision};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Most entries written in one append request; a larger `sync` is written in several requests
+/// and acknowledged once the last one is durable.
+pub const APPEND_CHUNK_ENTRIES_MAX: usize = 5_000;
+
+/// Most entries in one catch-up `sync` message sent to a client.
+pub const CATCHUP_PAGE_ENTRIES_MAX: usize = 1_000;
+
+/// Why a worker stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The log refused to write or read.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The connection is gone.
+    #[error("connection closed")]
+    Disconnected,
+}
+
+/// The per-connection worker.
+pub struct Worker {
+    server: Arc<Server>,
+    conn: Arc<ConnHandle>,
+    /// The `synced` the client sent in `connect`: it has every action targeted at it up to
+    /// this position.
+    connect_synced: u64,
+}
+
+impl Worker {
+    /// A worker for an authenticated connection.
+    pub fn new(server: Arc<Server>, conn: Arc<ConnHandle>, connect_synced: u64) -> Worker {
+        Worker {
+            server,
+            conn,
+            connect_synced,
+        }
+    }
+
+    /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
+    pub async fn run(self, mut jobs: mpsc::Receiver<IncomingSync>) {
+        let result = async {
+            self.connect_catchup().await?;
+            while let Some(sync) = jobs.recv().await {
+                self.process(sync).await?;
+            }
+            Ok::<(), PipelineError>(())
+        }
+        .await;
+        if let Err(error) = result {
+            if !matches!(error, PipelineError::Disconnected) {
+                tracing::error!(client = %self.conn.ids.client_id, %error, "action pipeline stopped; closing the connection without acknowledging");
+            }
+            self.conn.kick();
+        }
+    }
+
+    async fn send(&self, item: Outbound) -> Result<(), PipelineError> {
+        if self.conn.is_kicked() {
+            return Err(PipelineError::Disconnected);
+        }
+        self.conn
+            .outbox
+            .send(item)
+            .await
+            .map_err(|_| PipelineError::Disconnected)
+    }
+
+    /// Sends everything targeted at this client, user or node with `added` above the
+    /// client's `synced`.
+    async fn connect_catchup(&self) -> Result<(), PipelineError> {
+        let ids = &self.conn.ids;
+        let log = &self.server.log;
+        self.send(Outbound::CatchupPending).await?;
+        let head = log.head();
+        let mut after = self.connect_synced;
+        let limit = self.server.config.limits.connect_catchup_max;
+        let mut sent = 0;
+        while after < head && sent < limit {
+            let page = log.targeted_since(
+                ids.user_id.as_deref(),
+                &ids.client_id,
+                &ids.node_id,
+                after,
+                head,
+                CATCHUP_PAGE_ENTRIES_MAX.min(limit - sent),
+            )?;
+            let Some(last) = page.last() else { break };
+            after = last.meta.added;
+            sent += page.len();
+            let page: Vec<_> = page
+                .into_iter()
+                .filter(|entry| self.wants_targeted(entry))
+                .collect();
+            if !page.is_empty() {
+                self.send(Outbound::Catchup(page)).await?;
+            }
+        }
+        self.send(Outbound::CatchupDone).await
+    }
+
+    /// Logux's `syncFilter`: direct client/node targets always; user targets unless this
+    /// client wrote the action or is excluded.
+    fn wants_targeted(&self, entry: &Entry) -> bool {
+        let ids = &self.conn.ids;
+        let meta = &entry.meta;
+        if meta.clients.contains(&ids.client_id) || meta.nodes.contains(&ids.node_id) {
+            return true;
+        }
+        entry.author_client_id() != ids.client_id && !meta.exclude_clients.contains(&ids.client_id)
+    }
+
+    async fn process(&self, sync: IncomingSync) -> Result<(), PipelineError> {
+        let mut batch = Vec::new();
+        let mut debug = Vec::new();
+        for incoming in sync.entries {
+            self.judge(incoming, &mut batch, &mut debug).await?;
+            if batch.len() >= APPEND_CHUNK_ENTRIES_MAX {
+                self.server
+                    .log
+                    .append(std::mem::take(&mut batch), None)
+                    .await?;
+            }
+        }
+        let conn = self.conn.clone();
+        let added = sync.added;
+        let hook: DurableHook = Box::new(move |_: &[AppendOutcome]| {
+            conn.push(Outbound::Synced(added));
+            for frame in debug {
+                conn.push(Outbound::Frame(frame));
+            }
+        });
+        if batch.is_empty() {
+            hook(&[]);
+        } else {
+            self.server.log.append(batch, Some(hook)).await?;
+        }
+        Ok(())
+    }
+
+    /// Decides one action and adds what to store to `batch`: the action itself when it is
+    /// allowed, and the `logux/processed` or `logux/undo` for its author.
+    async fn judge(
+        &self,
+        incoming: IncomingEntry,
+        batch: &mut Vec<Entry>,
+        debug: &mut Vec<String>,
+    ) -> Result<(), PipelineError> {
+        let IncomingEntry { entry, denied } = incoming;
+        if let Some(why) = denied {
+            tracing::debug!(id = %entry.meta.id, why, "action denied");
+            self.undo(entry, "denied", batch, debug);
+            return Ok(());
+        }
+        match entry.action_type() {
+            "logux/subscribe" => self.subscribe(entry, batch, debug).await,
+            "logux/unsubscribe" => {
+                match entry.action.get("channel").and_then(Value::as_str) {
+                    Some(channel) => {
+                        self.server.hub.unsubscribe(&self.conn, channel);
+                        self.processed(&entry, batch);
+                    }
+                    None => self.undo(entry, "wrongChannel", batch, debug),
+                }
+                Ok(())
+            }
+            _ => {
+                let user = self.conn.ids.user_id.as_deref();
+                match self.server.rules.check_action(&entry.action, user) {
+                    ActionDecision::Allowed { channels } => {
+                        // The action goes before its `logux/processed`, so subscribers get it
+                        // before the author hears it was processed.
+                        let processed = self.processed_for(&entry);
+                        let mut entry = entry;
+                        entry.meta.channels = channels;
+                        batch.push(entry);
+                        batch.push(processed);
+                    }
+                    ActionDecision::UnknownType => self.undo(entry, "unknownType", batch, debug),
+                    ActionDecision::Denied => self.undo(entry, "denied", batch, debug),
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        entry: Entry,
+        batch: &mut Vec<Entry>,
+        debug: &mut Vec<String>,
+    ) -> Result<(), PipelineError> {
+        let Some(channel) = entry.action.get("channel").and_then(Value::as_str) else {
+            self.undo(entry, "wrongChannel", batch, debug);
+            return Ok(());
+        };
+        let user = self.conn.ids.user_id.as_deref();
+        match self.server.rules.check_subscribe(channel, user) {
+            SubscribeDecision::WrongChannel => {
+                if let Some(frame) = self.debug_text(&format!("Wrong channel name {channel}")) {
+                    debug.push(frame);
+                }
+                self.undo(entry, "wrongChannel", batch, debug);
+            }
+            SubscribeDecision::Denied => self.undo(entry, "denied", batch, debug),
+            SubscribeDecision::Allowed => {
+                let channel = channel.to_owned();
+                self.channel_catchup(&channel, entry.action.get("since"))
+                    .await?;
+                self.processed(&entry, batch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes and sends the channel's history: everything after `since` when given,
+    /// otherwise the newest `subscribe_history_max` actions. Live actions are held by the
+    /// connection until the history is out, so the client sees them in order.
+    async fn channel_catchup(
+        &self,
+        channel: &str,
+        since: Option<&Value>,
+    ) -> Result<(), PipelineError> {
+        let log = &self.server.log;
+        self.send(Outbound::CatchupPending).await?;
+        self.server.hub.subscribe(&self.conn, channel);
+        let head = log.head();
+        let since_id = since
+            .and_then(|since| since.get("id"))
+            .and_then(Value::as_str);
+        let since_time = since
+            .and_then(|since| since.get("time"))
+            .and_then(Value::as_i64);
+        match (since_id, since_time) {
+            (None, None) => {
+                let limit = self.server.config.limits.subscribe_history_max;
+                let page = log.channel_tail(channel, head, limit)?;
+                self.send_channel_page(page, None).await?;
+            }
+            _ => {
+                // The client has everything of this channel up to the `logux/processed` of
+                // its previous subscription, and everything sent to it up to the `synced` of
+                // its `connect`: only what comes after both is missing.
+                let since_added = match since_id {
+                    Some(id) => log.added_of(id)?,
+                    None => None,
+                };
+                let mut after = match since_added {
+                    Some(added) => added.max(self.connect_synced),
+                    None => self.connect_synced,
+                };
+                let time_floor = if since_added.is_some() {
+                    None
+                } else {
+                    since_time
+                };
+                while after < head {
+                    let page = log.channel_since(channel, after, head, CATCHUP_PAGE_ENTRIES_MAX)?;
+                    let Some(last) = page.last() else { break };
+                    after = last.meta.added;
+                    self.send_channel_page(page, time_floor).await?;
+                }
+            }
+        }
+        self.send(Outbound::CatchupDone).await
+    }
+
+    async fn send_channel_page(
+        &self,
+        page: Vec<Arc<Entry>>,
+        time_floor: Option<i64>,
+    ) -> Result<(), PipelineError> {
+        let own = &self.conn.ids.client_id;
+        let page: Vec<_> = page
+            .into_iter()
+            .filter(|entry| entry.author_client_id() != own)
+            .filter(|entry| !entry.meta.exclude_clients.contains(own))
+            .filter(|entry| time_floor.is_none_or(|floor| entry.meta.time > floor))
+            .collect();
+        if page.is_empty() {
+            return Ok(());
+        }
+        self.send(Outbound::Catchup(page)).await
+    }
+
+    fn debug_text(&self, text: &str) -> Option<String> {
+        self.server
+            .session_config
+            .development
+            .then(|| json!(["debug", "error", text]).to_string())
+    }
+
+    /// A server action for this connection's client (the author of what it answers).
+    fn reply(&self, action: Value) -> Entry {
+        let (id, time) = self.server.next_action_id();
+        Entry {
+            action,
+            meta: Meta {
+                id,
+                time,
+                subprotocol: self.server.config.subprotocol,
+                clients: vec![self.conn.ids.client_id.clone()],
+                ..Meta::default()
+            },
+        }
+    }
+
+    fn processed_for(&self, original: &Entry) -> Entry {
+        let action = json!({"id": original.meta.id, "type": "logux/processed"});
+        self.reply(action)
+    }
+
+    fn processed(&self, original: &Entry, batch: &mut Vec<Entry>) {
+        batch.push(self.processed_for(original));
+    }
+
+    fn undo(&self, original: Entry, reason: &str, batch: &mut Vec<Entry>, debug: &mut Vec<String>) {
+        if reason == "denied" {
+            if let Some(frame) =
+                self.debug_text(&format!("Action \"{}\" was denied", original.meta.id))
+            {
+                debug.push(frame);
+            }
+        } else if reason == "unknownType" {
+            if let Some(frame) = self.debug_text(&format!(
+                "Action with unknown type {}",
+                original.action_type()
+            )) {
+                debug.push(frame);
+            }
+        }
+        let mut action = Map::new();
+        action.insert("action".into(), original.action.clone());
+        action.insert("id".into(), json!(original.meta.id));
+        action.insert("reason".into(), json!(reason));
+        action.insert("type".into(), json!("logux/undo"));
+        batch.push(self.reply(Value::Object(action)));
+    }
+}

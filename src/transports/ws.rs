@@ -1,0 +1,128 @@
+//! WebSocket transport: upgrades an HTTP request and adapts the socket to the connection's
+//! frame stream and sink.
+
+use crate::protocol::ProtocolError;
+use crate::server::connection::{self, Inbound, Peer};
+use crate::server::Server;
+use futures_util::{SinkExt, StreamExt};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// Initial read buffer per connection; tungstenite's 128 KiB default costs over 1 GiB at
+/// 10,000 connections. It grows for large frames.
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes gathered before a write reaches the socket (frames are flushed per batch anyway).
+pub const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+
+/// True when the request asks for a WebSocket upgrade.
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    let has_token = |name, token: &str| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|part| part.trim().eq_ignore_ascii_case(token))
+    };
+    has_token(UPGRADE, "websocket") && has_token(CONNECTION, "upgrade")
+}
+
+/// Answers the upgrade with 101 and runs the Logux connection on the upgraded socket.
+pub fn upgrade(
+    request: Request<Incoming>,
+    server: Arc<Server>,
+    remote: SocketAddr,
+) -> Response<String> {
+    let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
+        return super::http::plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let frame_bytes_max = server.config.limits.frame_bytes_max;
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(request).await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "websocket upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
+            .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+            .max_write_buffer_size(frame_bytes_max.saturating_mul(2).max(1 << 20))
+            .max_message_size(Some(frame_bytes_max))
+            .max_frame_size(Some(frame_bytes_max));
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (sink, stream) = socket.split();
+        // A close frame or a read error ends the stream; control frames are skipped.
+        let incoming = stream
+            .map(move |message| step(message, frame_bytes_max))
+            .take_while(|step| std::future::ready(!matches!(step, Step::End)))
+            .filter_map(|step| async move {
+                match step {
+                    Step::Frame(inbound) => Some(inbound),
+                    Step::Skip | Step::End => None,
+                }
+            });
+        let incoming = Box::pin(incoming);
+        let outgoing =
+            sink.with(|frame: String| async move { Ok::<_, WsError>(Message::Text(frame.into())) });
+        let peer = Peer {
+            addr: remote.ip(),
+            transport: "ws",
+        };
+        connection::run(server, incoming, Box::pin(outgoing), peer).await;
+    });
+    let mut response = Response::new(String::new());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        headers.insert(SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+/// One read from the socket, as the connection sees it.
+enum Step {
+    Frame(Inbound),
+    Skip,
+    End,
+}
+
+fn step(message: Result<Message, WsError>, frame_bytes_max: usize) -> Step {
+    match message {
+        Ok(Message::Text(text)) => Step::Frame(Inbound::Text(text.to_string())),
+        Ok(Message::Binary(bytes)) => Step::Frame(match String::from_utf8(bytes.to_vec()) {
+            Ok(text) => Inbound::Text(text),
+            Err(_) => Inbound::Invalid(ProtocolError::wrong_format("binary frame is not UTF-8")),
+        }),
+        Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => Step::Skip,
+        Ok(Message::Close(_)) => Step::End,
+        Err(WsError::Capacity(CapacityError::MessageTooLong { size, .. })) => {
+            Step::Frame(Inbound::Invalid(ProtocolError::wrong_format(&format!(
+                "frame of {size} bytes is over the limit of {frame_bytes_max} bytes"
+            ))))
+        }
+        Err(WsError::Utf8(_)) => Step::Frame(Inbound::Invalid(ProtocolError::wrong_format(
+            "text frame is not UTF-8",
+        ))),
+        Err(error) => {
+            tracing::debug!(%error, "websocket read failed");
+            Step::End
+        }
+    }
+}
