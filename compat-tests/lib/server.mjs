@@ -130,6 +130,13 @@ export class ServerHandle {
     return `--- server output (${this.command}) ---\n${text}\n--- end of server output ---`
   }
 
+  /** An Error whose message ends with the server output (marked so that it is added once). */
+  errorWithLog(message) {
+    let err = new Error(`${message}\n${this.tail()}`)
+    err.hasServerLog = true
+    return err
+  }
+
   spawnProcess() {
     this.starts += 1
     this.append('', `\n=== start #${this.starts} ===\n`)
@@ -201,15 +208,13 @@ export class ServerHandle {
     })
     while (Date.now() < deadline) {
       if (exitedEarly) {
-        throw new Error(`server exited before it became healthy\n${this.tail()}`)
+        throw this.errorWithLog('server exited before it became healthy')
       }
       if ((await healthStatus(this.port)) === 200) return
       await delay(HEALTH_POLL_MS)
     }
     await this.kill()
-    throw new Error(
-      `server did not answer GET /health with 200 within ${HEALTH_TIMEOUT_MS} ms\n${this.tail()}`
-    )
+    throw this.errorWithLog(`server did not answer GET /health with 200 within ${HEALTH_TIMEOUT_MS} ms`)
   }
 
   async start() {
@@ -315,9 +320,10 @@ export function withServer(body, opts) {
     try {
       await body(t, srv)
     } catch (e) {
-      if (e && typeof e === 'object') {
+      if (e && typeof e === 'object' && !e.hasServerLog) {
         try {
           e.message = `${e.message}\n${srv.tail()}`
+          e.hasServerLog = true
         } catch {}
       }
       throw e

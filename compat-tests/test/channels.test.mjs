@@ -114,6 +114,9 @@ for (const transport of transports) {
 
         b.connection.disconnect()
         await b.waitState('disconnected')
+        // Let the server see the close before A sends: this test checks the
+        // catch-up, not an action racing with the disconnect.
+        await delay(200)
         let missed = []
         for (let i = 0; i < 5; i++) {
           await a.sync({ type: 'room/message', room, text: `missed ${i}` })

@@ -160,11 +160,11 @@ pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
 fn valid_wire_id(id: Option<&Value>) -> bool {
     match id {
         Some(Value::Number(_)) => true,
-        Some(Value::Array(parts)) => match parts.as_slice() {
-            [Value::Number(_), Value::Number(_)] => true,
-            [Value::Number(_), Value::String(_), Value::Number(_)] => true,
-            _ => false,
-        },
+        Some(Value::Array(parts)) => matches!(
+            parts.as_slice(),
+            [Value::Number(_), Value::Number(_)]
+                | [Value::Number(_), Value::String(_), Value::Number(_)]
+        ),
         _ => false,
     }
 }

@@ -317,6 +317,7 @@ mod tests {
             tokens: HashMap::from([("10".to_owned(), "good-10".to_owned())]),
             any_user_token: Some("shared-secret".to_owned()),
             jwt_hs256_secret: Some(SECRET.to_owned()),
+            allow_anyone: false,
         }
     }
 
@@ -370,11 +371,23 @@ mod tests {
     }
 
     #[test]
+    fn demo_mode_accepts_every_user_but_server() {
+        let auth = Authenticator::new(&AuthConfig {
+            allow_anyone: true,
+            ..AuthConfig::default()
+        });
+        assert!(auth.check(Some("10"), None, NOW_MS));
+        assert!(auth.check(None, Some("anything"), NOW_MS));
+        assert!(!auth.check(Some("server"), None, NOW_MS));
+    }
+
+    #[test]
     fn empty_credentials_never_match() {
         let auth = Authenticator::new(&AuthConfig {
             tokens: HashMap::from([("1".to_owned(), String::new())]),
             any_user_token: Some(String::new()),
             jwt_hs256_secret: Some(String::new()),
+            allow_anyone: false,
         });
         assert!(!auth.check(Some("1"), Some(""), NOW_MS));
         assert!(!auth.check(None, Some(""), NOW_MS));
