@@ -30,9 +30,28 @@ export class TestClient {
     this.url = transport.url(port)
     this.connection = new Reconnect(transport.connection(this.url), reconnect)
     this.incoming = []
+    // A time-stamped trace of the connection, for failure messages.
+    this.trace = []
+    let started = Date.now()
+    let note = line => {
+      this.trace.push(`+${Date.now() - started}ms ${line}`)
+      if (this.trace.length > 200) this.trace.shift()
+    }
     // Registered before the Client's own listener, which decodes ids in place:
     // this keeps a copy of each message as it was on the wire.
-    this.connection.on('message', msg => this.incoming.push(structuredClone(msg)))
+    this.connection.on('message', msg => {
+      this.incoming.push(structuredClone(msg))
+      note('S>C ' + JSON.stringify(msg))
+    })
+    for (let event of ['connecting', 'connect', 'disconnect']) {
+      this.connection.on(event, () => note(`(${event})`))
+    }
+    this.connection.on('error', e => note(`(error ${e.message})`))
+    let send = this.connection.send.bind(this.connection)
+    this.connection.send = msg => {
+      note('C>S ' + JSON.stringify(msg))
+      return send(msg)
+    }
     this.client = new Client({ server: this.connection, subprotocol, userId, token, ...rest })
     this.added = []
     this.errors = []
@@ -105,11 +124,11 @@ export class TestClient {
   }
 
   explain() {
-    let wire = this.incoming.slice(-30).map(m => '  S>C ' + JSON.stringify(m))
+    let wire = this.trace.slice(-40).map(line => '  ' + line)
     return (
       `client ${this.nodeId}: state=${this.client.state} attempts=${this.attempts}\n` +
       `  errors: ${this.errors.map(e => e.message).join(' | ') || '-'}\n` +
-      `  last messages from the server:\n${wire.join('\n') || '  (none)'}`
+      `  connection trace (last 40):\n${wire.join('\n') || '  (empty)'}`
     )
   }
 }

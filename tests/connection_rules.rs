@@ -1,0 +1,108 @@
+//! Connection-level behaviour that transcripts cannot express compactly: large backlogs,
+//! timeouts, the zombie rule, and the pre-authentication queue limit.
+
+mod support;
+
+use ferry::protocol::session::PREAUTH_QUEUE_MESSAGES_MAX;
+use serde_json::Value;
+use std::time::Duration;
+use support::{TestServer, TEST_CONFIG};
+
+const CONNECT_10: &str = r#"["connect",5,"10:aaa:tab",0,{"token":"good-10","subprotocol":1}]"#;
+
+async fn handshake(client: &mut support::TestClient) {
+    assert_eq!(
+        client.recv().await.as_deref(),
+        Some(r#"["headers",{"env":"development"}]"#)
+    );
+    let connected = client.recv().await.expect("connected");
+    assert!(
+        connected.starts_with(r#"["connected",5,"server:test""#),
+        "{connected}"
+    );
+}
+
+#[tokio::test]
+async fn a_sync_with_100000_actions_is_stored_and_every_action_is_processed() {
+    let server = TestServer::start(TEST_CONFIG);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    const ACTIONS: usize = 100_000;
+    let mut frame = String::from(r#"["sync",100000"#);
+    for n in 1..=ACTIONS {
+        frame.push_str(&format!(
+            r#",{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}"#
+        ));
+    }
+    frame.push(']');
+    client.send(&frame).await;
+    let mut synced = false;
+    let mut processed = 0;
+    while processed < ACTIONS || !synced {
+        let frame = client.recv().await.expect("connection stays open");
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => {
+                assert_eq!(message[1], 100_000);
+                synced = true;
+            }
+            Some("sync") => {
+                let pairs = message.as_array().map_or(0, |m| (m.len() - 2) / 2);
+                for pair in 0..pairs {
+                    assert_eq!(message[2 + pair * 2]["type"], "logux/processed");
+                }
+                processed += pairs;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(server.server.log.head(), 2 * ACTIONS as u64);
+}
+
+#[tokio::test]
+async fn a_socket_that_never_sends_connect_is_closed_after_the_handshake_timeout() {
+    let config = format!("{TEST_CONFIG}\n[limits]\nhandshake_timeout_ms = 200\n");
+    let server = TestServer::start(&config);
+    let mut client = server.connect();
+    assert!(client.is_closed_by_server().await);
+}
+
+#[tokio::test]
+async fn a_new_connection_of_the_same_client_closes_the_old_one() {
+    let server = TestServer::start(TEST_CONFIG);
+    let mut old = server.connect();
+    old.send(r#"["connect",5,"10:aaa:tab1",0,{"token":"good-10","subprotocol":1}]"#)
+        .await;
+    handshake(&mut old).await;
+    let mut new = server.connect();
+    new.send(r#"["connect",5,"10:aaa:tab2",0,{"token":"good-10","subprotocol":1}]"#)
+        .await;
+    handshake(&mut new).await;
+    assert!(old.is_closed_by_server().await, "zombie connection closed");
+    new.send(r#"["ping",0]"#).await;
+    assert_eq!(new.recv().await.as_deref(), Some(r#"["pong",0]"#));
+}
+
+#[tokio::test]
+async fn too_many_messages_before_connect_close_the_connection() {
+    let server = TestServer::start(TEST_CONFIG);
+    let mut client = server.connect();
+    for _ in 0..=PREAUTH_QUEUE_MESSAGES_MAX {
+        client.send(r#"["ping",0]"#).await;
+    }
+    assert!(client.is_closed_by_server().await);
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let config = format!("{TEST_CONFIG}\n[limits]\nidle_timeout_ms = 300\n");
+    let server = TestServer::start(&config);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.send(r#"["ping",0]"#).await;
+    assert_eq!(client.recv().await.as_deref(), Some(r#"["pong",0]"#));
+    assert!(client.is_closed_by_server().await);
+}
