@@ -52,6 +52,7 @@ pub async fn serve_until(
     server: Arc<Server>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    server.spawn_retention();
     let accept = tokio::spawn(crate::transports::http::serve(listener, server.clone()));
     shutdown.await;
     tracing::info!("shutting down: closing connections");

@@ -106,3 +106,41 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     assert_eq!(client.recv().await.as_deref(), Some(r#"["pong",0]"#));
     assert!(client.is_closed_by_server().await);
 }
+
+#[tokio::test]
+async fn retention_keeps_only_the_newest_actions_and_subscribers_get_what_is_left() {
+    let config = TEST_CONFIG.replace(
+        "min_subprotocol = 1",
+        "min_subprotocol = 1\nretention_actions_max = 4",
+    );
+    let server = TestServer::start(&config);
+    let mut writer = server.connect();
+    writer
+        .send(r#"["connect",5,"20:bbb:tab",0,{"token":"good-20","subprotocol":1}]"#)
+        .await;
+    handshake(&mut writer).await;
+    for n in 1..=5 {
+        writer
+            .send(&format!(
+                r#"["sync",{n},{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}]"#
+            ))
+            .await;
+        assert_eq!(writer.recv().await, Some(format!(r#"["synced",{n}]"#)));
+        writer.recv().await.expect("processed");
+    }
+    // Ten entries: five messages and five `logux/processed`; keep the newest four.
+    assert_eq!(server.server.apply_retention().expect("retention"), 6);
+    let mut reader = server.connect();
+    reader.send(CONNECT_10).await;
+    handshake(&mut reader).await;
+    reader
+        .send(r#"["sync",1,{"type":"logux/subscribe","channel":"room/1"},{"id":1,"time":1}]"#)
+        .await;
+    let history: Value = serde_json::from_str(&reader.recv().await.expect("history")).expect("json");
+    let numbers: Vec<_> = history.as_array().expect("array")[2..]
+        .iter()
+        .step_by(2)
+        .map(|action| action["n"].clone())
+        .collect();
+    assert_eq!(numbers, vec![serde_json::json!(4), serde_json::json!(5)]);
+}

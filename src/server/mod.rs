@@ -23,6 +23,9 @@ const NODE_ID_SETTING: &str = "server_node_id";
 /// action id, so that ids created after a restart are new even if the clock went back.
 const ID_SEED_SCAN_ENTRIES: u64 = 10_000;
 
+/// How often retention runs when `retention_actions_max` is set.
+pub const RETENTION_INTERVAL_MS: u64 = 60_000;
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -162,6 +165,43 @@ impl Server {
             *state = (now, 0);
         }
         (format!("{} {} {}", state.0, self.node_id(), state.1), now)
+    }
+
+    /// Applies `retention_actions_max` now: removes the oldest actions beyond it.
+    /// Returns how many were removed.
+    pub fn apply_retention(&self) -> Result<usize, LogError> {
+        let Some(max) = self.config.retention_actions_max.filter(|max| *max > 0) else {
+            return Ok(0);
+        };
+        let head = self.log.head();
+        if head <= max {
+            return Ok(0);
+        }
+        self.log.remove_before(head - max + 1)
+    }
+
+    /// Runs retention every `RETENTION_INTERVAL_MS` until shutdown.
+    pub fn spawn_retention(self: &Arc<Self>) {
+        if self.config.retention_actions_max.unwrap_or(0) == 0 {
+            return;
+        }
+        let server = self.clone();
+        tokio::spawn(async move {
+            let period = std::time::Duration::from_millis(RETENTION_INTERVAL_MS);
+            while !server.is_shutting_down() {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = server.shutdown_signal.notified() => break,
+                }
+                let job = server.clone();
+                match tokio::task::spawn_blocking(move || job.apply_retention()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(removed)) => tracing::info!(removed, "retention removed old actions"),
+                    Ok(Err(error)) => tracing::error!(%error, "retention failed"),
+                    Err(error) => tracing::error!(%error, "retention task failed"),
+                }
+            }
+        });
     }
 
     /// True once shutdown started.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, lints, the Rust tests, and the
+# JavaScript compatibility tests with unchanged Logux clients against the release binary.
+# Needs only the Rust toolchain and Node.js/npm; npm packages come from the lockfile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets -- -D warnings
+echo "== cargo test"
+cargo test
+echo "== cargo build --release"
+cargo build --release
+echo "== compat tests (npm ci, node --test)"
+(
+  cd compat-tests
+  npm ci --no-audit --no-fund --loglevel=error
+  FERRY_BIN="$PWD/../target/release/ferry" npm test
+)
+echo "== all tests passed"
