@@ -3,7 +3,9 @@
 pub mod action;
 pub mod clock;
 pub mod config;
+pub mod crdt;
 pub mod log;
+pub mod metrics;
 pub mod protocol;
 pub mod rules;
 pub mod run;

@@ -136,7 +136,8 @@ async fn retention_keeps_only_the_newest_actions_and_subscribers_get_what_is_lef
     reader
         .send(r#"["sync",1,{"type":"logux/subscribe","channel":"room/1"},{"id":1,"time":1}]"#)
         .await;
-    let history: Value = serde_json::from_str(&reader.recv().await.expect("history")).expect("json");
+    let history: Value =
+        serde_json::from_str(&reader.recv().await.expect("history")).expect("json");
     let numbers: Vec<_> = history.as_array().expect("array")[2..]
         .iter()
         .step_by(2)

@@ -69,6 +69,12 @@ pub enum AppendOutcome {
 pub trait CommitListener: Send + Sync + 'static {
     /// Entries stored by this group commit (duplicates excluded), ordered by `added`.
     fn committed(&self, entries: &[Arc<Entry>]);
+
+    /// One group commit wrote `entries` and its batch and flush took `elapsed` (metrics).
+    fn flushed(&self, _entries: usize, _elapsed: std::time::Duration) {}
+
+    /// A write or flush failed and the log is now poisoned (metrics and alerts).
+    fn write_failed(&self, _reason: &str) {}
 }
 
 /// Called after the flush and before the `CommitListener`, with this request's outcomes.
@@ -280,6 +286,16 @@ impl Log {
     /// Groups that stored nothing new (only duplicates) are not counted: they write nothing.
     pub fn group_commits(&self) -> u64 {
         self.inner.shared.group_commits.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the log's files take on disk, as sled reports it.
+    pub fn size_on_disk(&self) -> Result<u64, LogError> {
+        Ok(self.inner.shared.db.size_on_disk()?)
+    }
+
+    /// Why the log refuses writes, once a write or flush failed.
+    pub fn poison_reason(&self) -> Option<String> {
+        self.inner.shared.poison_reason()
     }
 
     /// The durable entry stored at `added`, if retention did not remove it.

@@ -103,12 +103,15 @@ impl Writer {
         if !stored.is_empty() {
             let last_added = self.next_added.saturating_sub(1);
             batch.insert(last_added_key(), &last_added.to_be_bytes());
+            let started = std::time::Instant::now();
             if let Err(reason) = self.write(batch).await {
+                self.listener.write_failed(&reason);
                 for request in staged {
                     let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
                 }
                 return;
             }
+            self.listener.flushed(stored.len(), started.elapsed());
             self.shared.head.fetch_max(last_added, Ordering::AcqRel);
             self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
         }

@@ -75,6 +75,8 @@ pub enum Output {
     Authenticate(AuthRequest),
     /// Process these actions; answer with `Session::synced_frame` once they are durable.
     Actions(IncomingSync),
+    /// Send this error (`ProtocolError::to_frame`); a `Close` follows.
+    Error(ProtocolError),
     /// Close the connection after the frames before this output.
     Close,
 }
@@ -180,7 +182,7 @@ impl Session {
     /// non-UTF-8 frames).
     pub fn fail(&mut self, error: ProtocolError) -> Vec<Output> {
         self.state = State::Closed;
-        vec![Output::Frame(error.to_frame()), Output::Close]
+        vec![Output::Error(error), Output::Close]
     }
 
     fn handle(&mut self, message: Message, now: i64) -> Vec<Output> {

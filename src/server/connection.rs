@@ -7,6 +7,7 @@ use super::hub::{ConnHandle, Outbound};
 use super::pipeline::Worker;
 use super::Server;
 use crate::action::Entry;
+use crate::metrics::ConnectionGauge;
 use crate::protocol::{AuthRequest, IncomingSync, Output, ProtocolError, Session};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::collections::{HashSet, VecDeque};
@@ -73,7 +74,7 @@ struct Connection {
     session: Session,
     handle: Option<Arc<ConnHandle>>,
     outbox: Option<mpsc::Receiver<Outbound>>,
-    jobs: Option<mpsc::Sender<IncomingSync>>,
+    jobs: Option<mpsc::Sender<(Instant, IncomingSync)>>,
     auth: Option<oneshot::Receiver<bool>>,
     /// Open catch-ups; live entries are held while any is open.
     catchups_open: usize,
@@ -95,6 +96,7 @@ where
     let handshake_deadline = Instant::now() + Duration::from_millis(limits.handshake_timeout_ms);
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle;
+    let mut gauge = ConnectionGauge::new(&server.metrics, peer.transport, "handshaking");
     let mut conn = Connection {
         session: Session::new(server.session_config.clone()),
         server: server.clone(),
@@ -127,6 +129,9 @@ where
             result = auth_result(&mut conn.auth) => {
                 conn.auth = None;
                 conn.finish_auth(result).await;
+                if conn.handle.is_some() {
+                    gauge.set("admitted");
+                }
             }
             item = next_outbound(&mut conn.outbox) => {
                 match item {
@@ -158,6 +163,9 @@ where
             }
             _ = sleep_until(deadline) => {
                 tracing::debug!(addr = %conn.peer.addr, "closing a connection that sent nothing in time");
+                if conn.session.is_handshaking() {
+                    server.metrics.handshakes.with_label_values(&["timeout"]).inc();
+                }
                 conn.close = true;
             }
         }
@@ -217,13 +225,25 @@ impl Connection {
         for output in outputs {
             match output {
                 Output::Frame(frame) => self.pending_frames.push(frame),
+                Output::Error(error) => {
+                    let metrics = &self.server.metrics;
+                    metrics
+                        .protocol_errors
+                        .with_label_values(&[error.kind()])
+                        .inc();
+                    if self.handle.is_none() {
+                        let result = error.kind().replace('-', "_");
+                        metrics.handshakes.with_label_values(&[&result]).inc();
+                    }
+                    self.pending_frames.push(error.to_frame());
+                }
                 Output::Close => self.close = true,
                 Output::Authenticate(request) => self.start_auth(request),
                 Output::Actions(sync) => {
                     if let Some(jobs) = &self.jobs {
                         // Waiting here is the backpressure on a client that sends faster than
                         // its actions can be stored.
-                        if jobs.send(sync).await.is_err() {
+                        if jobs.send((Instant::now(), sync)).await.is_err() {
                             self.close = true;
                         }
                     }
@@ -275,6 +295,11 @@ impl Connection {
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);
         self.jobs = Some(jobs_tx);
+        self.server
+            .metrics
+            .handshakes
+            .with_label_values(&["ok"])
+            .inc();
         tracing::debug!(node = %remote.ids.node_id, transport = self.peer.transport, "client authenticated");
         let outputs = self.session.authenticated(self.server.clock.now_ms());
         self.execute(outputs).await;
@@ -315,6 +340,10 @@ impl Connection {
             .into_iter()
             .filter(|entry| self.recent.insert(entry.meta.added))
             .collect();
+        self.server
+            .metrics
+            .actions_delivered
+            .inc_by(fresh.len() as u64);
         if let Some(frame) = self.session.sync_frame(&fresh) {
             self.pending_frames.push(frame);
         }

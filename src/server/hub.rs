@@ -8,6 +8,7 @@
 
 use crate::action::{Entry, NodeIds};
 use crate::log::CommitListener;
+use crate::metrics::Metrics;
 use dashmap::DashMap;
 use serde_json::Number;
 use std::collections::{HashMap, HashSet};
@@ -50,6 +51,8 @@ pub struct ConnHandle {
     pub kick_signal: Notify,
     /// Channels this connection subscribed to, so a disconnect costs O(its subscriptions).
     subscriptions: Mutex<HashSet<String>>,
+    /// Shared metrics, to count slow-consumer disconnects.
+    metrics: Arc<Metrics>,
 }
 
 impl ConnHandle {
@@ -73,6 +76,7 @@ impl ConnHandle {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!(client = %self.ids.client_id, "outbox full, disconnecting slow consumer");
+                self.metrics.slow_consumers.inc();
                 self.kick();
                 false
             }
@@ -84,6 +88,7 @@ impl ConnHandle {
 /// Connection and subscription registry.
 #[derive(Debug, Default)]
 pub struct Hub {
+    metrics: Arc<Metrics>,
     next_id: AtomicU64,
     conns: DashMap<ConnId, Arc<ConnHandle>>,
     by_client: DashMap<String, ConnId>,
@@ -94,9 +99,17 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub with its own metrics (tests).
     pub fn new() -> Hub {
         Hub::default()
+    }
+
+    /// An empty hub reporting to `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Hub {
+        Hub {
+            metrics,
+            ..Hub::default()
+        }
     }
 
     /// Registers an authenticated connection. An older connection with the same client id is
@@ -110,6 +123,7 @@ impl Hub {
             kicked: AtomicBool::new(false),
             kick_signal: Notify::new(),
             subscriptions: Mutex::new(HashSet::new()),
+            metrics: self.metrics.clone(),
         });
         self.conns.insert(id, handle.clone());
         if let Some(previous) = self.by_client.insert(ids.client_id.clone(), id) {

@@ -5,9 +5,11 @@ pub mod connection;
 pub mod hub;
 pub mod pipeline;
 
+use crate::action::Entry;
 use crate::clock::Clock;
 use crate::config::{Config, Env};
-use crate::log::{Log, LogError, LogOptions};
+use crate::log::{CommitListener, Log, LogError, LogOptions};
+use crate::metrics::Metrics;
 use crate::protocol::SessionConfig;
 use crate::rules::auth::{Authenticator, BruteForceGuard};
 use crate::rules::Rules;
@@ -56,6 +58,8 @@ pub struct Server {
     pub log: Log,
     /// Connections and subscriptions.
     pub hub: Arc<Hub>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// The only source of wall time.
     pub clock: Arc<dyn Clock>,
     /// Settings for every protocol session.
@@ -73,6 +77,36 @@ impl std::fmt::Debug for Server {
         f.debug_struct("Server")
             .field("node_id", &self.session_config.server_node_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// Delivers committed entries through the hub and counts them.
+struct Committed {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+}
+
+impl CommitListener for Committed {
+    fn committed(&self, entries: &[Arc<Entry>]) {
+        self.metrics.log_appended.inc_by(entries.len() as u64);
+        if let Some(last) = entries.last() {
+            self.metrics
+                .log_head
+                .set(i64::try_from(last.meta.added).unwrap_or(i64::MAX));
+        }
+        self.hub.committed(entries);
+    }
+
+    fn flushed(&self, _entries: usize, elapsed: std::time::Duration) {
+        self.metrics.log_group_commits.inc();
+        self.metrics
+            .log_flush_latency
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn write_failed(&self, _reason: &str) {
+        self.metrics.log_write_failures.inc();
+        self.metrics.log_poisoned.set(1);
     }
 }
 
@@ -103,13 +137,18 @@ impl Server {
     ) -> Result<Arc<Server>, ServerError> {
         let rules = Rules::new(&config)?;
         let auth = Authenticator::new(&config.auth);
-        let hub = Arc::new(Hub::new());
+        let metrics = Arc::new(Metrics::new());
+        let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let listener = Arc::new(Committed {
+            hub: hub.clone(),
+            metrics: metrics.clone(),
+        });
         let log_error = |source| ServerError::Log {
             dir: config.data_dir.display().to_string(),
             source,
         };
         let log =
-            Log::open(&config.data_dir, LogOptions::default(), hub.clone()).map_err(log_error)?;
+            Log::open(&config.data_dir, LogOptions::default(), listener).map_err(log_error)?;
         let node_id = match node_id {
             Some(node_id) => node_id,
             None => match log.get_setting(NODE_ID_SETTING).map_err(log_error)? {
@@ -138,6 +177,7 @@ impl Server {
             bruteforce: BruteForceGuard::default(),
             log,
             hub,
+            metrics,
             clock,
             session_config,
             id_state: Mutex::new(id_seed),
@@ -202,6 +242,26 @@ impl Server {
                 }
             }
         });
+    }
+
+    /// The metrics text, with the gauges that are read on demand brought up to date.
+    pub fn render_metrics(&self) -> String {
+        let metrics = &self.metrics;
+        metrics
+            .subscriptions
+            .set(i64::try_from(self.hub.subscription_count()).unwrap_or(i64::MAX));
+        metrics
+            .log_head
+            .set(i64::try_from(self.log.head()).unwrap_or(i64::MAX));
+        if let Ok(bytes) = self.log.size_on_disk() {
+            metrics
+                .log_disk_bytes
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+        metrics
+            .log_poisoned
+            .set(i64::from(self.log.poison_reason().is_some()));
+        metrics.render()
     }
 
     /// True once shutdown started.

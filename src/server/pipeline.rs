@@ -19,6 +19,7 @@ use crate::rules::{ActionDecision, SubscribeDecision};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Most entries written in one append request; a larger `sync` is written in several requests
 /// and acknowledged once the last one is durable.
@@ -58,11 +59,11 @@ impl Worker {
     }
 
     /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
-    pub async fn run(self, mut jobs: mpsc::Receiver<IncomingSync>) {
+    pub async fn run(self, mut jobs: mpsc::Receiver<(Instant, IncomingSync)>) {
         let result = async {
             self.connect_catchup().await?;
-            while let Some(sync) = jobs.recv().await {
-                self.process(sync).await?;
+            while let Some((received, sync)) = jobs.recv().await {
+                self.process(received, sync).await?;
             }
             Ok::<(), PipelineError>(())
         }
@@ -130,7 +131,7 @@ impl Worker {
         entry.author_client_id() != ids.client_id && !meta.exclude_clients.contains(&ids.client_id)
     }
 
-    async fn process(&self, sync: IncomingSync) -> Result<(), PipelineError> {
+    async fn process(&self, received: Instant, sync: IncomingSync) -> Result<(), PipelineError> {
         let mut batch = Vec::new();
         let mut debug = Vec::new();
         for incoming in sync.entries {
@@ -144,7 +145,19 @@ impl Worker {
         }
         let conn = self.conn.clone();
         let added = sync.added;
-        let hook: DurableHook = Box::new(move |_: &[AppendOutcome]| {
+        let metrics = self.server.metrics.clone();
+        let hook: DurableHook = Box::new(move |outcomes: &[AppendOutcome]| {
+            let duplicates = outcomes
+                .iter()
+                .filter(|outcome| matches!(outcome, AppendOutcome::Duplicate(_)))
+                .count();
+            metrics
+                .actions_received
+                .with_label_values(&["duplicate"])
+                .inc_by(duplicates as u64);
+            metrics
+                .sync_latency
+                .observe(received.elapsed().as_secs_f64());
             conn.push(Outbound::Synced(added));
             for frame in debug {
                 conn.push(Outbound::Frame(frame));
@@ -167,8 +180,10 @@ impl Worker {
         debug: &mut Vec<String>,
     ) -> Result<(), PipelineError> {
         let IncomingEntry { entry, denied } = incoming;
+        let received = &self.server.metrics.actions_received;
         if let Some(why) = denied {
             tracing::debug!(id = %entry.meta.id, why, "action denied");
+            received.with_label_values(&["denied"]).inc();
             self.undo(entry, "denied", batch, debug);
             return Ok(());
         }
@@ -188,6 +203,7 @@ impl Worker {
                 let user = self.conn.ids.user_id.as_deref();
                 match self.server.rules.check_action(&entry.action, user) {
                     ActionDecision::Allowed { channels } => {
+                        received.with_label_values(&["processed"]).inc();
                         // The action goes before its `logux/processed`, so subscribers get it
                         // before the author hears it was processed.
                         let processed = self.processed_for(&entry);
@@ -196,8 +212,14 @@ impl Worker {
                         batch.push(entry);
                         batch.push(processed);
                     }
-                    ActionDecision::UnknownType => self.undo(entry, "unknownType", batch, debug),
-                    ActionDecision::Denied => self.undo(entry, "denied", batch, debug),
+                    ActionDecision::UnknownType => {
+                        received.with_label_values(&["unknown_type"]).inc();
+                        self.undo(entry, "unknownType", batch, debug);
+                    }
+                    ActionDecision::Denied => {
+                        received.with_label_values(&["denied"]).inc();
+                        self.undo(entry, "denied", batch, debug);
+                    }
                 }
                 Ok(())
             }
@@ -210,20 +232,27 @@ impl Worker {
         batch: &mut Vec<Entry>,
         debug: &mut Vec<String>,
     ) -> Result<(), PipelineError> {
+        let received = &self.server.metrics.actions_received;
         let Some(channel) = entry.action.get("channel").and_then(Value::as_str) else {
+            received.with_label_values(&["wrong_channel"]).inc();
             self.undo(entry, "wrongChannel", batch, debug);
             return Ok(());
         };
         let user = self.conn.ids.user_id.as_deref();
         match self.server.rules.check_subscribe(channel, user) {
             SubscribeDecision::WrongChannel => {
+                received.with_label_values(&["wrong_channel"]).inc();
                 if let Some(frame) = self.debug_text(&format!("Wrong channel name {channel}")) {
                     debug.push(frame);
                 }
                 self.undo(entry, "wrongChannel", batch, debug);
             }
-            SubscribeDecision::Denied => self.undo(entry, "denied", batch, debug),
+            SubscribeDecision::Denied => {
+                received.with_label_values(&["denied"]).inc();
+                self.undo(entry, "denied", batch, debug);
+            }
             SubscribeDecision::Allowed => {
+                received.with_label_values(&["processed"]).inc();
                 let channel = channel.to_owned();
                 self.channel_catchup(&channel, entry.action.get("since"))
                     .await?;

@@ -93,6 +93,14 @@ fn route(
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/health") => plain(StatusCode::OK, "Ferry: OK\n"),
+        (&Method::GET, "/metrics") => {
+            let mut response = plain(StatusCode::OK, &server.render_metrics());
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
         (&Method::GET, "/") => plain(
             StatusCode::OK,
             "Ferry, a Logux sync server. Connect a Logux client over WebSocket to this address.\n",

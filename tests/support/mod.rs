@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use ferry::clock::ManualClock;
 use ferry::config::Config;
 use ferry::server::connection::{self, Inbound, Peer};
