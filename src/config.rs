@@ -41,6 +41,18 @@ pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 75_000;
 pub const OUTBOX_LEN_DEFAULT: usize = 4096;
 /// Simultaneous connections accepted; more are refused to keep file descriptors available.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 19_000;
+/// Default `handshakes_per_second`.
+pub const HANDSHAKES_PER_SECOND_DEFAULT: u64 = 5_000;
+/// Default `handshake_burst`.
+pub const HANDSHAKE_BURST_DEFAULT: u64 = 2_000;
+/// Default `heavy_resync_actions`.
+pub const HEAVY_RESYNC_ACTIONS_DEFAULT: u64 = 10_000;
+/// Default `heavy_resyncs_max`.
+pub const HEAVY_RESYNCS_MAX_DEFAULT: usize = 4;
+/// Default `waiting_room_max`.
+pub const WAITING_ROOM_MAX_DEFAULT: usize = 20_000;
+/// Default `admission_deadline_ms`: well under the 70 s clients wait for `connected`.
+pub const ADMISSION_DEADLINE_MS_DEFAULT: u64 = 30_000;
 /// The user id of the server's own node, which no client may authenticate as (Logux rule).
 pub const SERVER_USER_ID: &str = "server";
 
@@ -156,6 +168,19 @@ pub struct Limits {
     pub outbox_len: usize,
     /// Simultaneous connections accepted.
     pub connections_max: usize,
+    /// Handshakes admitted per second from the waiting room (token bucket rate).
+    pub handshakes_per_second: u64,
+    /// Handshakes admitted at once after a quiet period (token bucket size).
+    pub handshake_burst: u64,
+    /// A client further behind the log head than this many positions is a heavy resync.
+    pub heavy_resync_actions: u64,
+    /// Heavy resyncs running at once; lighter clients are admitted past waiting heavy ones.
+    pub heavy_resyncs_max: usize,
+    /// Clients that may wait for admission; beyond it new connections get HTTP 503.
+    pub waiting_room_max: usize,
+    /// Longest wait for admission (well under the clients' 70 s `connected` timeout); then
+    /// the socket is closed without an error and the client retries after 1-1.5 s.
+    pub admission_deadline_ms: u64,
 }
 
 impl Default for Limits {
@@ -169,6 +194,12 @@ impl Default for Limits {
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             outbox_len: OUTBOX_LEN_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
+            handshakes_per_second: HANDSHAKES_PER_SECOND_DEFAULT,
+            handshake_burst: HANDSHAKE_BURST_DEFAULT,
+            heavy_resync_actions: HEAVY_RESYNC_ACTIONS_DEFAULT,
+            heavy_resyncs_max: HEAVY_RESYNCS_MAX_DEFAULT,
+            waiting_room_max: WAITING_ROOM_MAX_DEFAULT,
+            admission_deadline_ms: ADMISSION_DEADLINE_MS_DEFAULT,
         }
     }
 }
@@ -330,6 +361,12 @@ struct RawLimits {
     idle_timeout_ms: Option<u64>,
     outbox_len: Option<usize>,
     connections_max: Option<usize>,
+    handshakes_per_second: Option<u64>,
+    handshake_burst: Option<u64>,
+    heavy_resync_actions: Option<u64>,
+    heavy_resyncs_max: Option<usize>,
+    waiting_room_max: Option<usize>,
+    admission_deadline_ms: Option<u64>,
 }
 
 impl RawConfig {
@@ -456,6 +493,32 @@ impl RawLimits {
             idle_timeout_ms: positive("idle_timeout_ms", self.idle_timeout_ms, d.idle_timeout_ms)?,
             outbox_len: positive("outbox_len", self.outbox_len, d.outbox_len)?,
             connections_max: positive("connections_max", self.connections_max, d.connections_max)?,
+            handshakes_per_second: positive(
+                "handshakes_per_second",
+                self.handshakes_per_second,
+                d.handshakes_per_second,
+            )?,
+            handshake_burst: positive("handshake_burst", self.handshake_burst, d.handshake_burst)?,
+            heavy_resync_actions: positive(
+                "heavy_resync_actions",
+                self.heavy_resync_actions,
+                d.heavy_resync_actions,
+            )?,
+            heavy_resyncs_max: positive(
+                "heavy_resyncs_max",
+                self.heavy_resyncs_max,
+                d.heavy_resyncs_max,
+            )?,
+            waiting_room_max: positive(
+                "waiting_room_max",
+                self.waiting_room_max,
+                d.waiting_room_max,
+            )?,
+            admission_deadline_ms: positive(
+                "admission_deadline_ms",
+                self.admission_deadline_ms,
+                d.admission_deadline_ms,
+            )?,
         })
     }
 }

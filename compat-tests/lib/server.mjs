@@ -141,6 +141,8 @@ export class ServerHandle {
     this.starts += 1
     this.append('', `\n=== start #${this.starts} ===\n`)
     let env = {
+      // Plain logs in failure messages (tracing-subscriber honours NO_COLOR).
+      NO_COLOR: '1',
       ...process.env,
       ...this.extraEnv,
       PORT: String(this.port),
@@ -210,7 +212,16 @@ export class ServerHandle {
       if (exitedEarly) {
         throw this.errorWithLog('server exited before it became healthy')
       }
-      if ((await healthStatus(this.port)) === 200) return
+      if ((await healthStatus(this.port)) === 200) {
+        // A server that failed to bind exits; the 200 then came from another
+        // process that took the same port (only possible when several test
+        // files run at once: run them with --test-concurrency=1).
+        await delay(HEALTH_POLL_MS)
+        if (exitedEarly || !this.alive) {
+          throw this.errorWithLog('server exited right after /health answered (port taken by another process?)')
+        }
+        return
+      }
       await delay(HEALTH_POLL_MS)
     }
     await this.kill()

@@ -315,6 +315,7 @@ try {
 
   phase = 'send'
   sendStart = performance.now()
+  let cpuStart = process.cpuUsage()
   for (let c of clients) c.sendAll()
   let sendEnd = performance.now()
   verbose(`queued ${N * M} actions in ${Math.round(sendEnd - sendStart)} ms`)
@@ -332,6 +333,8 @@ try {
   clearTimeout(timer)
   if (progress) clearInterval(progress)
   phase = 'done'
+  let cpu = process.cpuUsage(cpuStart)
+  let wallMs = performance.now() - sendStart
 
   let sorted = latencies.subarray(0, latencyCount).sort()
   let expectedDeliveries = N * (N - 1) * M
@@ -359,6 +362,8 @@ try {
       p99: percentile(sorted, 99),
       max: percentile(sorted, 100)
     },
+    // Near 100 % means the generator (one Node thread) limits the numbers above.
+    generatorCpuPercent: Math.round(((cpu.user + cpu.system) / 1000 / wallMs) * 100),
     errors: errors.slice(0, 10),
     undoSamples: undos.slice(0, 5)
   })

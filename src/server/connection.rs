@@ -3,6 +3,7 @@
 //!
 //! Transports adapt their sockets to a `Stream` of `Inbound` and a `Sink` of text frames.
 
+use super::admission::HeavyPermit;
 use super::hub::{ConnHandle, Outbound};
 use super::pipeline::Worker;
 use super::Server;
@@ -33,6 +34,18 @@ pub enum Inbound {
     Text(String),
     /// A frame the transport could not accept (too large, not UTF-8).
     Invalid(ProtocolError),
+}
+
+/// How authentication and admission ended.
+#[derive(Debug)]
+enum AuthResult {
+    /// Credentials are good and the waiting room let the client in; heavy clients hold a
+    /// permit until their catch-up is sent.
+    Admitted(Option<HeavyPermit>),
+    /// Wrong credentials.
+    Denied,
+    /// The client waited too long: close without an error so it simply retries.
+    NotAdmitted,
 }
 
 /// Facts about the peer that transports know and auth may use.
@@ -75,7 +88,7 @@ struct Connection {
     handle: Option<Arc<ConnHandle>>,
     outbox: Option<mpsc::Receiver<Outbound>>,
     jobs: Option<mpsc::Sender<(Instant, IncomingSync)>>,
-    auth: Option<oneshot::Receiver<bool>>,
+    auth: Option<oneshot::Receiver<AuthResult>>,
     /// Open catch-ups; live entries are held while any is open.
     catchups_open: usize,
     held: Vec<Arc<Entry>>,
@@ -206,9 +219,9 @@ async fn kicked(handle: Option<&ConnHandle>) {
     }
 }
 
-async fn auth_result(auth: &mut Option<oneshot::Receiver<bool>>) -> bool {
+async fn auth_result(auth: &mut Option<oneshot::Receiver<AuthResult>>) -> AuthResult {
     match auth {
-        Some(receiver) => receiver.await.unwrap_or(false),
+        Some(receiver) => receiver.await.unwrap_or(AuthResult::NotAdmitted),
         None => pending().await,
     }
 }
@@ -267,22 +280,42 @@ impl Connection {
                 request.token.as_deref(),
                 now,
             );
-            if !ok {
+            let result = if ok {
+                let heavy = server.admission.is_heavy(request.synced, server.log.head());
+                match server.admission.admit(heavy).await {
+                    Ok(permit) => AuthResult::Admitted(permit),
+                    Err(_) => AuthResult::NotAdmitted,
+                }
+            } else {
                 server.bruteforce.record_failure(addr, now);
-            }
+                AuthResult::Denied
+            };
             // The connection may be gone already; nothing to do then.
-            let _ = tx.send(ok);
+            let _ = tx.send(result);
         });
         self.auth = Some(rx);
     }
 
-    async fn finish_auth(&mut self, ok: bool) {
-        if !ok {
-            tracing::info!(addr = %self.peer.addr, transport = self.peer.transport, "authentication failed");
-            let outputs = self.session.auth_failed();
-            self.execute(outputs).await;
-            return;
-        }
+    async fn finish_auth(&mut self, result: AuthResult) {
+        let permit = match result {
+            AuthResult::Admitted(permit) => permit,
+            AuthResult::Denied => {
+                tracing::info!(addr = %self.peer.addr, transport = self.peer.transport, "authentication failed");
+                let outputs = self.session.auth_failed();
+                self.execute(outputs).await;
+                return;
+            }
+            AuthResult::NotAdmitted => {
+                tracing::debug!(addr = %self.peer.addr, "not admitted before the deadline; closing so the client retries");
+                self.server
+                    .metrics
+                    .handshakes
+                    .with_label_values(&["not_admitted"])
+                    .inc();
+                self.close = true;
+                return;
+            }
+        };
         let Some(remote) = self.session.remote_pending().cloned() else {
             return;
         };
@@ -290,7 +323,7 @@ impl Connection {
         let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
         let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
-        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced);
+        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit);
         tokio::spawn(worker.run(jobs_rx));
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);

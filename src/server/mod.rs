@@ -1,6 +1,7 @@
 //! The server: shared state (rules, log, hub, clock) and the per-connection logic that joins
 //! the protocol core to the log. Transports feed it frames; it knows nothing about sockets.
 
+pub mod admission;
 pub mod connection;
 pub mod hub;
 pub mod pipeline;
@@ -60,6 +61,8 @@ pub struct Server {
     pub hub: Arc<Hub>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// The waiting room for handshakes.
+    pub admission: Arc<admission::Admission>,
     /// The only source of wall time.
     pub clock: Arc<dyn Clock>,
     /// Settings for every protocol session.
@@ -163,6 +166,7 @@ impl Server {
             },
         };
         let id_seed = last_own_id(&log, &node_id).map_err(log_error)?;
+        let admission = admission::Admission::start(&config.limits, metrics.clone());
         let session_config = Arc::new(SessionConfig {
             server_node_id: node_id,
             development: config.env == Env::Development,
@@ -177,6 +181,7 @@ impl Server {
             bruteforce: BruteForceGuard::default(),
             log,
             hub,
+            admission,
             metrics,
             clock,
             session_config,

@@ -10,6 +10,7 @@
 //! of the same client with reason `error` once one action is undone, Ferry judges each action
 //! on its own. A client's unrelated offline actions are not lost because one was denied.
 
+use super::admission::HeavyPermit;
 use super::hub::{ConnHandle, Outbound};
 use super::Server;
 use crate::action::{Entry, Meta};
@@ -46,22 +47,35 @@ pub struct Worker {
     /// The `synced` the client sent in `connect`: it has every action targeted at it up to
     /// this position.
     connect_synced: u64,
+    /// A heavy resync's waiting-room slot, released once the connect catch-up is sent.
+    heavy_permit: std::sync::Mutex<Option<HeavyPermit>>,
 }
 
 impl Worker {
     /// A worker for an authenticated connection.
-    pub fn new(server: Arc<Server>, conn: Arc<ConnHandle>, connect_synced: u64) -> Worker {
+    pub fn new(
+        server: Arc<Server>,
+        conn: Arc<ConnHandle>,
+        connect_synced: u64,
+        heavy_permit: Option<HeavyPermit>,
+    ) -> Worker {
         Worker {
             server,
             conn,
             connect_synced,
+            heavy_permit: std::sync::Mutex::new(heavy_permit),
         }
     }
 
     /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
     pub async fn run(self, mut jobs: mpsc::Receiver<(Instant, IncomingSync)>) {
         let result = async {
-            self.connect_catchup().await?;
+            let catchup = self.connect_catchup().await;
+            // Free the heavy-resync slot whatever happened.
+            if let Ok(mut permit) = self.heavy_permit.lock() {
+                permit.take();
+            }
+            catchup?;
             while let Some((received, sync)) = jobs.recv().await {
                 self.process(received, sync).await?;
             }

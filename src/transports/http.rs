@@ -29,6 +29,19 @@ pub fn plain(status: StatusCode, body: &str) -> Response<String> {
     response
 }
 
+/// A 503 with a jittered `Retry-After`: Logux clients back off further after a refused
+/// upgrade than after a closed socket.
+pub fn busy(body: &str) -> Response<String> {
+    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, body);
+    let seconds = crate::server::admission::Admission::retry_after_seconds();
+    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, value);
+    }
+    response
+}
+
 /// Accepts connections until shutdown starts.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     let permits = Arc::new(Semaphore::new(server.config.limits.connections_max));
@@ -87,7 +100,20 @@ fn route(
     }
     if super::ws::is_upgrade(&request) {
         if over_limit {
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "Too many connections\n");
+            server
+                .metrics
+                .rejections
+                .with_label_values(&["connections_max"])
+                .inc();
+            return busy("Too many connections\n");
+        }
+        if server.admission.is_full() {
+            server
+                .metrics
+                .rejections
+                .with_label_values(&["waiting_room_full"])
+                .inc();
+            return busy("The waiting room is full, retry later\n");
         }
         return super::ws::upgrade(request, server, remote);
     }

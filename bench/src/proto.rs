@@ -1,0 +1,391 @@
+//! The client side of Logux protocol 5, as far as a load generator needs it: building the
+//! frames a client sends and reading the frames a server sends.
+//!
+//! Everything here is pure (no IO, no clock): callers pass `now` and the connection's
+//! `baseTime`, so the wire format can be tested with exact strings.
+
+use serde_json::Value;
+
+/// The Logux protocol version ferry-bench speaks (what `@logux/client` 0.23 speaks).
+pub const PROTOCOL_VERSION: u32 = 5;
+
+/// Generates Logux action ids the way `@logux/core` 0.10 does: `<ms> <node> <seq>`, where
+/// `seq` goes up while the clock does not move forward, so ids stay unique per node.
+#[derive(Debug, Default, Clone)]
+pub struct IdGen {
+    /// The `ms` part of the last id handed out.
+    last_ms: u64,
+    /// The `seq` part of the last id handed out.
+    seq: u32,
+}
+
+impl IdGen {
+    /// The next `(ms, seq)` for an action created at `now_ms`.
+    pub fn next(&mut self, now_ms: u64) -> (u64, u32) {
+        if now_ms <= self.last_ms {
+            self.seq += 1;
+        } else {
+            self.last_ms = now_ms;
+            self.seq = 0;
+        }
+        (self.last_ms, self.seq)
+    }
+}
+
+/// A JSON string literal (with quotes) for `text`.
+pub fn json_str(text: &str) -> String {
+    // Serializing a &str cannot fail.
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// `["connect",5,nodeId,synced,{"token":..,"subprotocol":N}]`.
+pub fn connect_frame(node_id: &str, synced: u64, token: &str, subprotocol: u32) -> String {
+    format!(
+        "[\"connect\",{PROTOCOL_VERSION},{},{synced},{{\"token\":{},\"subprotocol\":{subprotocol}}}]",
+        json_str(node_id),
+        json_str(token)
+    )
+}
+
+/// The wire meta of one of our own actions: `{"id":shift,"time":shift}` (or `[shift,seq]` for
+/// a non-zero seq), relative to the connection's `baseTime`.
+pub fn own_meta(ms: u64, seq: u32, base_time: i64) -> String {
+    let shift = ms as i64 - base_time;
+    if seq == 0 {
+        format!("{{\"id\":{shift},\"time\":{shift}}}")
+    } else {
+        format!("{{\"id\":[{shift},{seq}],\"time\":{shift}}}")
+    }
+}
+
+/// Builds a `sync` frame from already encoded `(action, meta)` JSON pairs.
+#[derive(Debug)]
+pub struct SyncFrame {
+    /// The frame being built.
+    text: String,
+    /// Pairs added so far.
+    pairs: usize,
+}
+
+impl SyncFrame {
+    /// Starts `["sync",added`.
+    pub fn new(added: u64) -> SyncFrame {
+        let mut text = String::with_capacity(256);
+        text.push_str("[\"sync\",");
+        text.push_str(&added.to_string());
+        SyncFrame { text, pairs: 0 }
+    }
+
+    /// Appends one `action, meta` pair.
+    pub fn push(&mut self, action: &str, meta: &str) {
+        self.text.push(',');
+        self.text.push_str(action);
+        self.text.push(',');
+        self.text.push_str(meta);
+        self.pairs += 1;
+    }
+
+    /// How many pairs the frame holds.
+    pub fn len(&self) -> usize {
+        self.pairs
+    }
+
+    /// True when no pair was added.
+    pub fn is_empty(&self) -> bool {
+        self.pairs == 0
+    }
+
+    /// The finished frame.
+    pub fn finish(mut self) -> String {
+        self.text.push(']');
+        self.text
+    }
+}
+
+/// `{"type":"logux/subscribe","channel":..}` with an optional `since`.
+pub fn subscribe_action(channel_json: &str, since: Option<&(String, i64)>) -> String {
+    match since {
+        None => format!("{{\"type\":\"logux/subscribe\",\"channel\":{channel_json}}}"),
+        Some((id, time)) => format!(
+            "{{\"type\":\"logux/subscribe\",\"channel\":{channel_json},\"since\":{{\"id\":{},\"time\":{time}}}}}",
+            json_str(id)
+        ),
+    }
+}
+
+/// The benchmark action `{type, room, n, sent_at_ms}`. `type_json` and `room_json` are JSON
+/// string literals; `sent_at_ms` is wall-clock milliseconds (fractional for µs precision).
+pub fn bench_action(type_json: &str, room_json: &str, n: u64, sent_at_ms: f64) -> String {
+    format!("{{\"type\":{type_json},\"room\":{room_json},\"n\":{n},\"sent_at_ms\":{sent_at_ms:.3}}}")
+}
+
+/// `["synced",added]`.
+pub fn synced_frame(added: u64) -> String {
+    format!("[\"synced\",{added}]")
+}
+
+/// `["ping",added]`.
+pub fn ping_frame(added: u64) -> String {
+    format!("[\"ping\",{added}]")
+}
+
+/// `["pong",added]`.
+pub fn pong_frame(added: u64) -> String {
+    format!("[\"pong\",{added}]")
+}
+
+/// A message a server sends to a client.
+#[derive(Debug)]
+pub enum ServerMsg {
+    /// `["headers",{...}]`: nothing to do for a raw client.
+    Headers,
+    /// `["connected",5,serverNode,[start,end],{...}]`; `end` is the connection's `baseTime`.
+    Connected {
+        /// The protocol version the server answered with.
+        version: i64,
+        /// The server's node id (short id forms in `sync` refer to it).
+        server_node: String,
+        /// Server time when the `connect` arrived.
+        start: i64,
+        /// Server time when authentication finished: the `baseTime`.
+        end: i64,
+    },
+    /// `["sync",added,action,meta,...]`: the flat pairs.
+    Sync {
+        /// The number to echo in `synced`.
+        added: u64,
+        /// `[action, meta, action, meta, ...]`.
+        pairs: Vec<Value>,
+    },
+    /// `["synced",added]`.
+    Synced(u64),
+    /// `["ping",added]`.
+    Ping(u64),
+    /// `["pong",added]`.
+    Pong(u64),
+    /// `["error",type,options?]`.
+    Error(String),
+    /// `["debug","error",text]` (development mode only).
+    Debug,
+    /// A type a protocol 5 client does not know.
+    Unknown(String),
+}
+
+/// Why a server frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON.
+    #[error("server frame is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// JSON, but not a Logux message.
+    #[error("server frame is not a logux message: {0}")]
+    Shape(&'static str),
+}
+
+fn as_u64(value: Option<&Value>) -> Result<u64, ParseError> {
+    match value {
+        Some(v) => v
+            .as_u64()
+            .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            .ok_or(ParseError::Shape("expected a non-negative number")),
+        None => Err(ParseError::Shape("missing number")),
+    }
+}
+
+fn as_i64(value: Option<&Value>) -> Result<i64, ParseError> {
+    match value {
+        Some(v) => v
+            .as_i64()
+            .or_else(|| v.as_f64().map(|f| f as i64))
+            .ok_or(ParseError::Shape("expected a number")),
+        None => Err(ParseError::Shape("missing number")),
+    }
+}
+
+/// Reads one server frame.
+pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
+    let value: Value = serde_json::from_str(text)?;
+    let Value::Array(mut items) = value else {
+        return Err(ParseError::Shape("not an array"));
+    };
+    let kind = match items.first() {
+        Some(Value::String(kind)) => kind.clone(),
+        _ => return Err(ParseError::Shape("first element is not a string")),
+    };
+    Ok(match kind.as_str() {
+        "headers" => ServerMsg::Headers,
+        "connected" => {
+            let version = as_i64(items.get(1))?;
+            let server_node = items
+                .get(2)
+                .and_then(Value::as_str)
+                .ok_or(ParseError::Shape("connected without a server node id"))?
+                .to_owned();
+            let times = items
+                .get(3)
+                .and_then(Value::as_array)
+                .ok_or(ParseError::Shape("connected without [start, end]"))?;
+            ServerMsg::Connected {
+                version,
+                server_node,
+                start: as_i64(times.first())?,
+                end: as_i64(times.get(1))?,
+            }
+        }
+        "sync" => {
+            let added = as_u64(items.get(1))?;
+            if items.len() % 2 != 0 {
+                return Err(ParseError::Shape("sync with an odd length"));
+            }
+            items.drain(..2);
+            ServerMsg::Sync {
+                added,
+                pairs: items,
+            }
+        }
+        "synced" => ServerMsg::Synced(as_u64(items.get(1))?),
+        "ping" => ServerMsg::Ping(as_u64(items.get(1))?),
+        "pong" => ServerMsg::Pong(as_u64(items.get(1))?),
+        "error" => ServerMsg::Error(
+            items
+                .get(1)
+                .and_then(Value::as_str)
+                .unwrap_or("unknown")
+                .to_owned(),
+        ),
+        "debug" => ServerMsg::Debug,
+        _ => ServerMsg::Unknown(kind),
+    })
+}
+
+/// A Logux action id `"<ms> <node> <seq>"`, borrowed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ActionId<'a> {
+    /// The creator's clock, in ms.
+    pub ms: u64,
+    /// The creating node.
+    pub node: &'a str,
+    /// The sequence within `ms`.
+    pub seq: u32,
+}
+
+/// Splits `"<ms> <node> <seq>"`.
+pub fn parse_action_id(id: &str) -> Option<ActionId<'_>> {
+    let mut parts = id.split(' ');
+    let ms = parts.next()?.parse().ok()?;
+    let node = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(ActionId { ms, node, seq })
+}
+
+/// The absolute id of an action received in a server `sync` (protocol 5 decoding: a number
+/// or `[shift, seq]` is the server's own action, `[shift, node, seq]` anybody's).
+pub fn decode_meta_id(id: &Value, base_time: i64, server_node: &str) -> Option<String> {
+    let num = |v: &Value| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64));
+    match id {
+        Value::Number(_) => Some(format!("{} {server_node} 0", num(id)? + base_time)),
+        Value::Array(parts) => match parts.as_slice() {
+            [shift, seq] => Some(format!(
+                "{} {server_node} {}",
+                num(shift)? + base_time,
+                num(seq)?
+            )),
+            [shift, Value::String(node), seq] => {
+                Some(format!("{} {node} {}", num(shift)? + base_time, num(seq)?))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_get_a_sequence_while_the_clock_stands_still() {
+        let mut ids = IdGen::default();
+        assert_eq!(ids.next(100), (100, 0));
+        assert_eq!(ids.next(100), (100, 1));
+        assert_eq!(ids.next(99), (100, 2));
+        assert_eq!(ids.next(101), (101, 0));
+    }
+
+    #[test]
+    fn frames_match_the_wire_format() {
+        assert_eq!(
+            connect_frame("u1:c1:t", 7, "secret", 1),
+            r#"["connect",5,"u1:c1:t",7,{"token":"secret","subprotocol":1}]"#
+        );
+        assert_eq!(own_meta(1_000, 0, 1_031), r#"{"id":-31,"time":-31}"#);
+        assert_eq!(own_meta(1_040, 2, 1_031), r#"{"id":[9,2],"time":9}"#);
+        let mut sync = SyncFrame::new(3);
+        sync.push(&subscribe_action("\"room/a\"", None), &own_meta(5, 0, 0));
+        sync.push(
+            &bench_action("\"room/message\"", "\"a\"", 4, 12.5),
+            &own_meta(5, 1, 0),
+        );
+        assert_eq!(
+            sync.finish(),
+            r#"["sync",3,{"type":"logux/subscribe","channel":"room/a"},{"id":5,"time":5},{"type":"room/message","room":"a","n":4,"sent_at_ms":12.500},{"id":[5,1],"time":5}]"#
+        );
+        assert_eq!(
+            subscribe_action("\"room/a\"", Some(&("9 server:x 0".to_owned(), 9))),
+            r#"{"type":"logux/subscribe","channel":"room/a","since":{"id":"9 server:x 0","time":9}}"#
+        );
+    }
+
+    #[test]
+    fn server_messages_are_read() {
+        match parse_server(r#"["connected",5,"server:x",[10,12],{"subprotocol":1}]"#) {
+            Ok(ServerMsg::Connected {
+                version: 5,
+                server_node,
+                start: 10,
+                end: 12,
+            }) => assert_eq!(server_node, "server:x"),
+            other => panic!("{other:?}"),
+        }
+        match parse_server(r#"["sync",4,{"type":"a"},{"id":1,"time":1}]"#) {
+            Ok(ServerMsg::Sync { added: 4, pairs }) => assert_eq!(pairs.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_server(r#"["ping",3]"#), Ok(ServerMsg::Ping(3))));
+        assert!(matches!(parse_server(r#"["ready",3]"#), Ok(ServerMsg::Unknown(_))));
+        assert!(parse_server("hello").is_err());
+        assert!(parse_server(r#"["sync",1,{}]"#).is_err());
+    }
+
+    #[test]
+    fn ids_are_decoded_relative_to_base_time() {
+        let base = 1_000;
+        let v: Value = serde_json::from_str("7").unwrap_or_default();
+        assert_eq!(
+            decode_meta_id(&v, base, "server:x").as_deref(),
+            Some("1007 server:x 0")
+        );
+        let v: Value = serde_json::from_str("[-3,2]").unwrap_or_default();
+        assert_eq!(
+            decode_meta_id(&v, base, "server:x").as_deref(),
+            Some("997 server:x 2")
+        );
+        let v: Value = serde_json::from_str(r#"[5,"u:c:t",1]"#).unwrap_or_default();
+        assert_eq!(
+            decode_meta_id(&v, base, "server:x").as_deref(),
+            Some("1005 u:c:t 1")
+        );
+        assert_eq!(
+            parse_action_id("1795423671243 10:cW:YO 3"),
+            Some(ActionId {
+                ms: 1_795_423_671_243,
+                node: "10:cW:YO",
+                seq: 3
+            })
+        );
+        assert_eq!(parse_action_id("1 a"), None);
+    }
+}
