@@ -1,0 +1,329 @@
+//! Crash safety: a real `ferry` child process is killed with SIGKILL at random moments while
+//! clients write; after every kill, every action that was answered with `synced` must be in
+//! the log exactly once, `added` must keep growing, and a subscriber must get the actions
+//! again. Also: SIGTERM shuts down cleanly and keeps the last acknowledged action.
+//!
+//! `FERRY_CRASH_ROUNDS` sets the number of kill rounds (default 4; the long run uses 100).
+
+use ferry::log::{CommitListener, Log, LogOptions};
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+const WRITERS: usize = 4;
+const IN_FLIGHT_MAX: usize = 16;
+const ID_EPOCH_MS: i64 = 1_700_000_000_000;
+const CHANNEL: &str = "room/crash";
+
+const CONFIG: &str = r#"
+env = "production"
+subprotocol = 1
+[auth]
+any_user_token = "secret"
+[[channels]]
+pattern = "room/:id"
+access = "anyone"
+[[types]]
+type = "room/message"
+access = "anyone"
+resend = ["room/{room}"]
+[limits]
+subscribe_history_max = 1000000
+"#;
+
+struct NoListener;
+impl CommitListener for NoListener {
+    fn committed(&self, _: &[Arc<ferry::action::Entry>]) {}
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("free port")
+}
+
+struct Ferry {
+    child: Child,
+    port: u16,
+}
+
+impl Ferry {
+    async fn start(dir: &Path, config: &Path) -> Ferry {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir)
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ferry");
+        let ferry = Ferry { child, port };
+        for _ in 0..200 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return ferry;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("ferry did not start listening");
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for ferry")
+    }
+}
+
+async fn connect(port: u16, node: &str) -> Option<(WebSocketStream<TcpStream>, i64)> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let (mut socket, _) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/"), stream)
+            .await
+            .ok()?;
+    let connect = json!(["connect", 5, node, 0, {"token": "secret", "subprotocol": 1}]);
+    socket.send(Message::text(connect.to_string())).await.ok()?;
+    while let Some(Ok(message)) = socket.next().await {
+        if let Message::Text(text) = message {
+            let value: Value = serde_json::from_str(&text).ok()?;
+            if value[0] == "connected" {
+                return Some((socket, value[3][1].as_i64()?));
+            }
+        }
+    }
+    None
+}
+
+/// One writer: sends numbered actions, re-sends the unacknowledged ones after a restart,
+/// and records which were answered with `synced`.
+async fn write_until_dead(
+    port: u16,
+    writer: usize,
+    next: &mut i64,
+    unacked: &mut Vec<i64>,
+    acked: &Arc<Mutex<HashSet<String>>>,
+) {
+    let node = format!("w{writer}:stable:tab");
+    let Some((mut socket, base)) = connect(port, &node).await else {
+        return;
+    };
+    let mut in_flight: HashMap<i64, i64> = HashMap::new();
+    let mut resend = std::mem::take(unacked);
+    loop {
+        while in_flight.len() < IN_FLIGHT_MAX {
+            let n = match resend.pop() {
+                Some(n) => n,
+                None => {
+                    *next += 1;
+                    *next
+                }
+            };
+            let ms = ID_EPOCH_MS + n;
+            let frame = json!(["sync", n, {"type": "room/message", "room": "crash", "n": n, "w": writer},
+                {"id": ms - base, "time": ms - base}]);
+            if socket.send(Message::text(frame.to_string())).await.is_err() {
+                unacked.extend(in_flight.keys());
+                unacked.push(n);
+                return;
+            }
+            in_flight.insert(n, ms);
+        }
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                if value[0] == "synced" {
+                    if let Some(n) = value[1].as_i64() {
+                        if let Some(ms) = in_flight.remove(&n) {
+                            acked
+                                .lock()
+                                .expect("acked set")
+                                .insert(format!("{ms} {node} 0"));
+                        }
+                    }
+                }
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => {
+                unacked.extend(in_flight.keys());
+                return;
+            }
+        }
+    }
+}
+
+/// Opens the log of a stopped server and checks it against what was acknowledged.
+async fn check_log(dir: &Path, acked: &HashSet<String>, previous_head: u64) -> u64 {
+    let log = Log::open(dir, LogOptions::default(), Arc::new(NoListener)).expect("open log");
+    let head = log.head();
+    let entries = log
+        .channel_since(CHANNEL, 0, head, usize::MAX)
+        .expect("read channel");
+    let mut seen = HashSet::new();
+    let mut last_added = 0;
+    for entry in &entries {
+        assert!(entry.meta.added > last_added, "added grows along the log");
+        last_added = entry.meta.added;
+        assert!(
+            seen.insert(entry.meta.id.clone()),
+            "{} stored twice",
+            entry.meta.id
+        );
+    }
+    for id in acked {
+        assert!(seen.contains(id), "acknowledged action {id} lost");
+    }
+    assert!(
+        head >= previous_head,
+        "head went back from {previous_head} to {head}"
+    );
+    log.close().await.expect("close log");
+    drop(log);
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_actions_survive_sigkill_exactly_once() {
+    let rounds: usize = std::env::var("FERRY_CRASH_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(4);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let mut counters = vec![0i64; WRITERS];
+    let mut unacked: Vec<Vec<i64>> = vec![Vec::new(); WRITERS];
+    let mut head = 0;
+    for round in 0..rounds {
+        let ferry = Ferry::start(&data, &config).await;
+        let port = ferry.port;
+        let mut tasks = Vec::new();
+        for writer in 0..WRITERS {
+            let mut next = counters[writer];
+            let mut pending = std::mem::take(&mut unacked[writer]);
+            let acked = acked.clone();
+            tasks.push(tokio::spawn(async move {
+                write_until_dead(port, writer, &mut next, &mut pending, &acked).await;
+                (next, pending)
+            }));
+        }
+        let delay = rand::thread_rng().gen_range(50..400);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        ferry.kill();
+        for (writer, task) in tasks.into_iter().enumerate() {
+            let (next, pending) = task.await.expect("writer task");
+            counters[writer] = next;
+            unacked[writer] = pending;
+        }
+        let snapshot = acked.lock().expect("acked set").clone();
+        let new_head = check_log(&data, &snapshot, head).await;
+        eprintln!(
+            "round {round}: killed after {delay} ms, {} acknowledged, head {new_head}",
+            snapshot.len()
+        );
+        head = new_head;
+    }
+    assert!(
+        !acked.lock().expect("acked set").is_empty(),
+        "the writers got acknowledgements"
+    );
+
+    // A subscriber after the last restart gets every acknowledged action once.
+    let ferry = Ferry::start(&data, &config).await;
+    let (mut reader, base) = connect(ferry.port, "reader:r:t")
+        .await
+        .expect("reader connects");
+    let subscribe =
+        json!(["sync", 1, {"type": "logux/subscribe", "channel": CHANNEL}, {"id": 1, "time": 1}]);
+    reader
+        .send(Message::text(subscribe.to_string()))
+        .await
+        .expect("subscribe");
+    let mut received = HashSet::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(10), reader.next()).await
+    {
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let value: Value = serde_json::from_str(&text).expect("json");
+        if value[0] == "synced" {
+            break;
+        }
+        if value[0] == "sync" {
+            for pair in value.as_array().expect("array")[2..].chunks(2) {
+                let id = &pair[1]["id"];
+                let absolute = format!(
+                    "{} {} {}",
+                    id[0].as_i64().expect("shift") + base,
+                    id[1].as_str().expect("node"),
+                    id[2]
+                );
+                assert!(
+                    received.insert(absolute.clone()),
+                    "{absolute} delivered twice"
+                );
+            }
+        }
+    }
+    ferry.kill();
+    let acked = acked.lock().expect("acked set");
+    for id in acked.iter() {
+        assert!(
+            received.contains(id),
+            "acknowledged {id} not delivered on resync"
+        );
+    }
+    eprintln!(
+        "{} acknowledged, {} delivered to a new subscriber",
+        acked.len(),
+        received.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_cleanly_and_keeps_the_last_acknowledged_action() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let ferry = Ferry::start(&data, &config).await;
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let writer = {
+        let acked = acked.clone();
+        let port = ferry.port;
+        tokio::spawn(async move {
+            let mut next = 0;
+            let mut pending = Vec::new();
+            write_until_dead(port, 0, &mut next, &mut pending, &acked).await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = ferry.terminate();
+    assert!(
+        status.success(),
+        "ferry exits with 0 after SIGTERM: {status}"
+    );
+    writer.await.expect("writer");
+    let snapshot = acked.lock().expect("acked set").clone();
+    assert!(!snapshot.is_empty());
+    check_log(&data, &snapshot, 0).await;
+}
