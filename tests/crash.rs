@@ -209,7 +209,7 @@ async fn acknowledged_actions_survive_sigkill_exactly_once() {
     let config = dir.path().join("ferry.toml");
     std::fs::write(&config, CONFIG).expect("config");
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    let mut counters = vec![0i64; WRITERS];
+    let mut counters = [0i64; WRITERS];
     let mut unacked: Vec<Vec<i64>> = vec![Vec::new(); WRITERS];
     let mut head = 0;
     for round in 0..rounds {

@@ -1,7 +1,8 @@
 //! The reducer registry: one `State` enum over the four CRDTs, applied to raw Logux actions.
 
-use super::SetOp;
-use super::{AddWinsSet, Applied, Counter, CrdtError, ListOp, LwwObject, LwwOp, OpId, RgaList};
+use super::{
+    AddWinsSet, Applied, Counter, CrdtError, ListOp, LwwObject, LwwOp, OpId, RgaList, SetOp,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;

@@ -123,17 +123,20 @@ pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
             if len % 2 != 0 {
                 return Err(wrong_format());
             }
+            let shapes_ok = items[2..].chunks_exact(2).all(|pair| {
+                matches!((&pair[0], &pair[1]), (Value::Object(action), Value::Object(meta))
+                    if matches!(action.get("type"), Some(Value::String(_)))
+                        && matches!(meta.get("time"), Some(Value::Number(_)))
+                        && valid_wire_id(meta.get("id")))
+            });
+            if !shapes_ok {
+                return Err(wrong_format());
+            }
+            // The shapes are checked: take the pairs without copying them.
             let mut pairs = Vec::with_capacity((len - 2) / 2);
-            for pair in items[2..].chunks_exact(2) {
-                let (Value::Object(action), Value::Object(meta)) = (&pair[0], &pair[1]) else {
-                    return Err(wrong_format());
-                };
-                let type_ok = matches!(action.get("type"), Some(Value::String(_)));
-                let time_ok = matches!(meta.get("time"), Some(Value::Number(_)));
-                if !type_ok || !time_ok || !valid_wire_id(meta.get("id")) {
-                    return Err(wrong_format());
-                }
-                pairs.push((pair[0].clone(), meta.clone()));
+            let mut rest = items.into_iter().skip(2);
+            while let (Some(action), Some(Value::Object(meta))) = (rest.next(), rest.next()) {
+                pairs.push((action, meta));
             }
             Message::Sync { added, pairs }
         }

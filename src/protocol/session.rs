@@ -445,17 +445,18 @@ impl Session {
             .max()
             .unwrap_or(0);
         self.last_sent_added = self.last_sent_added.max(newest);
-        let mut message = Vec::with_capacity(2 + entries.len() * 2);
-        message.push(json!("sync"));
-        message.push(json!(self.last_sent_added));
+        // Written straight into the frame: building a `Value` first would copy every action.
+        let mut frame = String::with_capacity(32 + entries.len() * 128);
+        frame.push_str("[\"sync\",");
+        frame.push_str(&self.last_sent_added.to_string());
         for entry in entries {
-            message.push(entry.action.clone());
-            message.push(codec::encode_meta(
-                entry,
-                self.base_time,
-                &self.config.server_node_id,
-            ));
+            frame.push(',');
+            frame.push_str(&entry.action.to_string());
+            frame.push(',');
+            let meta = codec::encode_meta(entry, self.base_time, &self.config.server_node_id);
+            frame.push_str(&meta.to_string());
         }
-        Some(Value::Array(message).to_string())
+        frame.push(']');
+        Some(frame)
     }
 }

@@ -1,0 +1,152 @@
+//! What ferry-bench reads from /proc: its own CPU time and memory, the server's memory and
+//! CPU time, and the open-file limit. Linux only, std only.
+
+use std::time::Instant;
+
+/// Clock ticks per second in /proc/*/stat (`USER_HZ`, 100 on every Linux build; reading the
+/// real value needs `sysconf`, which std does not expose).
+pub const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// User and system CPU seconds of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    /// User-mode seconds.
+    pub user_s: f64,
+    /// Kernel-mode seconds.
+    pub sys_s: f64,
+}
+
+impl CpuTimes {
+    /// Both together.
+    pub fn total_s(&self) -> f64 {
+        self.user_s + self.sys_s
+    }
+
+    /// `self - earlier`.
+    pub fn since(&self, earlier: &CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user_s: self.user_s - earlier.user_s,
+            sys_s: self.sys_s - earlier.sys_s,
+        }
+    }
+}
+
+/// CPU times from `/proc/<pid>/stat` (`pid` = "self" for ours).
+pub fn cpu_times(pid: &str) -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')' come field 3 (state) onwards; utime is field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some(CpuTimes {
+        user_s: utime / CLOCK_TICKS_PER_S,
+        sys_s: stime / CLOCK_TICKS_PER_S,
+    })
+}
+
+/// A `kB` field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
+pub fn status_bytes(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix(field)?.strip_prefix(':')?;
+        let kb: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+/// The resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(&pid.to_string(), "VmRSS")
+}
+
+/// The soft and hard "Max open files" limits of this process (`None` = unlimited).
+#[derive(Debug, Clone, Copy)]
+pub struct FdLimits {
+    /// The soft limit, the one that applies.
+    pub soft: Option<u64>,
+    /// The hard limit. Raising the soft limit to it needs `setrlimit`, which std does not have.
+    pub hard: Option<u64>,
+}
+
+/// Reads `/proc/self/limits`.
+pub fn fd_limits() -> FdLimits {
+    let parse = |s: &str| s.parse::<u64>().ok();
+    let text = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Max open files") {
+            let mut parts = rest.split_whitespace();
+            let soft = parts.next().and_then(parse);
+            let hard = parts.next().and_then(parse);
+            return FdLimits { soft, hard };
+        }
+    }
+    FdLimits {
+        soft: None,
+        hard: None,
+    }
+}
+
+/// File descriptors open now (entries of /proc/self/fd).
+pub fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
+/// File descriptors ferry-bench keeps for itself (runtime, stdio, /proc reads) on top of
+/// one per connection.
+pub const FD_MARGIN: u64 = 64;
+
+/// The generator's CPU use over a run.
+#[derive(Debug)]
+pub struct CpuMeter {
+    /// CPU times at the start.
+    start_cpu: CpuTimes,
+    /// Wall clock at the start.
+    start: Instant,
+}
+
+impl CpuMeter {
+    /// Starts measuring.
+    pub fn start() -> CpuMeter {
+        CpuMeter {
+            start_cpu: cpu_times("self").unwrap_or_default(),
+            start: Instant::now(),
+        }
+    }
+
+    /// `{"cpu_user_s", "cpu_sys_s", "cpu_pct_of_wall", "wall_s", "peak_rss_bytes"}` so far.
+    pub fn report(&self) -> serde_json::Value {
+        let cpu = cpu_times("self").unwrap_or_default().since(&self.start_cpu);
+        let wall = self.start.elapsed().as_secs_f64();
+        let pct = if wall > 0.0 {
+            100.0 * cpu.total_s() / wall
+        } else {
+            0.0
+        };
+        serde_json::json!({
+            "cpu_user_s": round3(cpu.user_s),
+            "cpu_sys_s": round3(cpu.sys_s),
+            "cpu_pct_of_wall": round3(pct),
+            "wall_s": round3(wall),
+            "peak_rss_bytes": status_bytes("self", "VmHWM"),
+        })
+    }
+}
+
+/// Rounds to 3 decimals for the JSON summary.
+pub fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_readable() {
+        assert!(cpu_times("self").is_some());
+        assert!(status_bytes("self", "VmRSS").unwrap_or(0) > 0);
+        assert!(fd_limits().soft.is_some() || fd_limits().hard.is_none());
+    }
+}
