@@ -55,6 +55,20 @@ pub const WAITING_ROOM_MAX_DEFAULT: usize = 20_000;
 pub const ADMISSION_DEADLINE_MS_DEFAULT: u64 = 30_000;
 /// The user id of the server's own node, which no client may authenticate as (Logux rule).
 pub const SERVER_USER_ID: &str = "server";
+/// Default `[long_poll] poll_hold_ms`: how long a poll waits for frames before answering an
+/// empty list; under the 30-60 s idle timeouts of common proxies and load balancers.
+pub const LONG_POLL_HOLD_MS_DEFAULT: u64 = 25_000;
+/// Default `[long_poll] session_expiry_ms`: a session with no request for this long is closed
+/// like a dropped socket. Longer than a poll plus a client's retries after a network blip.
+pub const LONG_POLL_SESSION_EXPIRY_MS_DEFAULT: u64 = 60_000;
+/// Default `[long_poll] sessions_max`: open long-poll sessions accepted at once.
+pub const LONG_POLL_SESSIONS_MAX_DEFAULT: usize = 10_000;
+/// Default `[long_poll] body_bytes_max`: twice the default frame limit, so one `sync` frame of
+/// `frame_bytes_max` still fits after JSON string escaping.
+pub const LONG_POLL_BODY_BYTES_MAX_DEFAULT: usize = 2 * FRAME_BYTES_MAX_DEFAULT;
+/// Default `[long_poll] queue_frames_max`: frames kept for one session until the client
+/// acknowledges them; beyond it the session is closed as a slow consumer (like `outbox_len`).
+pub const LONG_POLL_QUEUE_FRAMES_MAX_DEFAULT: usize = 4096;
 
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +163,32 @@ pub struct TypeRule {
     pub resend: Vec<String>,
 }
 
+/// `[[sync_maps]]`: a Logux SyncMap (`syncMapTemplate` on the client) served from the log.
+#[derive(Debug, Clone)]
+pub struct SyncMapRule {
+    /// The plural name: types `<plural>/create|change|delete`, channels `<plural>/<id>` and
+    /// the filter channel `<plural>`.
+    pub plural: String,
+    /// Who may read and write these objects: `Anyone` or `Nobody`.
+    pub access: Access,
+}
+
+/// `[[reducers]]`: a CRDT reducer attached to one action type.
+#[derive(Debug, Clone)]
+pub struct ReducerRule {
+    /// The exact action type this reducer consumes.
+    pub action_type: String,
+    /// Which CRDT: counter, set, list or LWW map.
+    pub kind: crate::crdt::ReducerKind,
+    /// Template of the object key, which is also the channel the action is re-sent to and
+    /// that clients subscribe to (`"counter/{id}"`).
+    pub object: String,
+    /// Counter only: the field holding the delta (default `"delta"`).
+    pub field: Option<String>,
+    /// Who may add actions of this type: `Anyone`, `Nobody` or `Field`.
+    pub access: Access,
+}
+
 /// `[limits]`.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -204,6 +244,39 @@ impl Default for Limits {
     }
 }
 
+/// `[long_poll]`: the HTTP long-poll transport.
+#[derive(Debug, Clone)]
+pub struct LongPollConfig {
+    /// How long a poll waits for frames before it answers with an empty list.
+    pub poll_hold_ms: u64,
+    /// A session without any request for this long is closed like a dropped socket.
+    pub session_expiry_ms: u64,
+    /// Long-poll sessions open at once; `open` beyond it gets 503 with `Retry-After`.
+    pub sessions_max: usize,
+    /// Largest request body accepted; larger ones get 413.
+    pub body_bytes_max: usize,
+    /// Frames kept for one session until acknowledged; a session that would exceed it is
+    /// closed as a slow consumer and its client reconnects and catches up from the log.
+    pub queue_frames_max: usize,
+    /// Browser origins allowed to call the endpoints from another origin (CORS), exactly as
+    /// browsers send them (`"https://app.example"`); `"*"` allows any origin without
+    /// credentials. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for LongPollConfig {
+    fn default() -> LongPollConfig {
+        LongPollConfig {
+            poll_hold_ms: LONG_POLL_HOLD_MS_DEFAULT,
+            session_expiry_ms: LONG_POLL_SESSION_EXPIRY_MS_DEFAULT,
+            sessions_max: LONG_POLL_SESSIONS_MAX_DEFAULT,
+            body_bytes_max: LONG_POLL_BODY_BYTES_MAX_DEFAULT,
+            queue_frames_max: LONG_POLL_QUEUE_FRAMES_MAX_DEFAULT,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -223,8 +296,14 @@ pub struct Config {
     pub channels: Vec<ChannelRule>,
     /// Which action types are known, who may add them and where they are re-sent.
     pub types: Vec<TypeRule>,
+    /// SyncMaps served from the log.
+    pub sync_maps: Vec<SyncMapRule>,
+    /// CRDT reducers attached to action types.
+    pub reducers: Vec<ReducerRule>,
     /// Resource limits.
     pub limits: Limits,
+    /// The HTTP long-poll transport.
+    pub long_poll: LongPollConfig,
     /// Most actions kept in the log; `None` keeps everything.
     pub retention_actions_max: Option<u64>,
     /// True for the embedded demo configuration, so the server can warn that it is open.
@@ -280,7 +359,10 @@ impl Config {
                 access: Access::Anyone,
                 resend: vec!["{channel}".to_owned()],
             }],
+            sync_maps: Vec::new(),
+            reducers: Vec::new(),
             limits: Limits::default(),
+            long_poll: LongPollConfig::default(),
             retention_actions_max: None,
             demo: true,
         }
@@ -309,7 +391,13 @@ struct RawConfig {
     #[serde(default)]
     types: Vec<RawType>,
     #[serde(default)]
+    sync_maps: Vec<RawSyncMap>,
+    #[serde(default)]
+    reducers: Vec<RawReducer>,
+    #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    long_poll: RawLongPoll,
 }
 
 /// `env` as written.
@@ -349,6 +437,26 @@ struct RawType {
     resend: Vec<String>,
 }
 
+/// One `[[sync_maps]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSyncMap {
+    plural: String,
+    access: String,
+}
+
+/// One `[[reducers]]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReducer {
+    #[serde(rename = "type")]
+    action_type: String,
+    kind: String,
+    object: String,
+    field: Option<String>,
+    access: String,
+}
+
 /// `[limits]` as written.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -367,6 +475,19 @@ struct RawLimits {
     heavy_resyncs_max: Option<usize>,
     waiting_room_max: Option<usize>,
     admission_deadline_ms: Option<u64>,
+}
+
+/// `[long_poll]` as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLongPoll {
+    poll_hold_ms: Option<u64>,
+    session_expiry_ms: Option<u64>,
+    sessions_max: Option<usize>,
+    body_bytes_max: Option<usize>,
+    queue_frames_max: Option<usize>,
+    #[serde(default)]
+    cors_origins: Vec<String>,
 }
 
 impl RawConfig {
@@ -419,6 +540,71 @@ impl RawConfig {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let sync_maps = self
+            .sync_maps
+            .into_iter()
+            .enumerate()
+            .map(|(index, raw)| {
+                let rule = format!("sync_maps[{index}] (plural {:?})", raw.plural);
+                if raw.plural.is_empty() || raw.plural.contains(['/', '*', ':', '{', '}', '\0']) {
+                    return Err(ConfigError::Invalid(format!(
+                        "{rule}: plural must be a non-empty name without / * : {{ }}"
+                    )));
+                }
+                let access = match raw.access.as_str() {
+                    "anyone" => Access::Anyone,
+                    "nobody" => Access::Nobody,
+                    other => {
+                        return Err(ConfigError::Invalid(format!(
+                            "{rule}: access {other:?} must be \"anyone\" or \"nobody\""
+                        )))
+                    }
+                };
+                Ok(SyncMapRule {
+                    plural: raw.plural,
+                    access,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let reducers =
+            self.reducers
+                .into_iter()
+                .enumerate()
+                .map(|(index, raw)| {
+                    let rule = format!("reducers[{index}] (type {:?})", raw.action_type);
+                    let kind = crate::crdt::ReducerKind::from_name(&raw.kind).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                        "{rule}: kind {:?} must be \"counter\", \"set\", \"list\" or \"lww-map\"",
+                        raw.kind
+                    ))
+                    })?;
+                    if raw.action_type.is_empty() || raw.action_type.contains('*') {
+                        return Err(ConfigError::Invalid(format!(
+                            "{rule}: type must be one exact action type"
+                        )));
+                    }
+                    if raw.field.is_some() && kind != crate::crdt::ReducerKind::Counter {
+                        return Err(ConfigError::Invalid(format!(
+                            "{rule}: field is only for counters"
+                        )));
+                    }
+                    let access = parse_type_access(index, &raw.action_type, &raw.access).map_err(
+                        |error| match error {
+                            ConfigError::Invalid(text) => {
+                                ConfigError::Invalid(text.replacen("types[", "reducers[", 1))
+                            }
+                            other => other,
+                        },
+                    )?;
+                    Ok(ReducerRule {
+                        action_type: raw.action_type,
+                        kind,
+                        object: raw.object,
+                        field: raw.field,
+                        access,
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(Config {
             listen,
             data_dir,
@@ -428,7 +614,10 @@ impl RawConfig {
             auth: self.auth.into_auth()?,
             channels,
             types,
+            sync_maps,
+            reducers,
             limits: self.limits.into_limits()?,
+            long_poll: self.long_poll.into_long_poll()?,
             retention_actions_max: self.retention_actions_max.filter(|&n| n > 0),
             demo: false,
         })
@@ -523,15 +712,89 @@ impl RawLimits {
     }
 }
 
+impl RawLongPoll {
+    fn into_long_poll(self) -> Result<LongPollConfig, ConfigError> {
+        let d = LongPollConfig::default();
+        let section = "long_poll";
+        let poll_hold_ms = positive_in(section, "poll_hold_ms", self.poll_hold_ms, d.poll_hold_ms)?;
+        let session_expiry_ms = positive_in(
+            section,
+            "session_expiry_ms",
+            self.session_expiry_ms,
+            d.session_expiry_ms,
+        )?;
+        if session_expiry_ms <= poll_hold_ms {
+            return Err(ConfigError::Invalid(format!(
+                "long_poll.session_expiry_ms ({session_expiry_ms}) must be greater than \
+                 long_poll.poll_hold_ms ({poll_hold_ms}), or sessions expire while polling"
+            )));
+        }
+        for origin in &self.cors_origins {
+            check_cors_origin(origin)?;
+        }
+        Ok(LongPollConfig {
+            poll_hold_ms,
+            session_expiry_ms,
+            sessions_max: positive_in(section, "sessions_max", self.sessions_max, d.sessions_max)?,
+            body_bytes_max: positive_in(
+                section,
+                "body_bytes_max",
+                self.body_bytes_max,
+                d.body_bytes_max,
+            )?,
+            queue_frames_max: positive_in(
+                section,
+                "queue_frames_max",
+                self.queue_frames_max,
+                d.queue_frames_max,
+            )?,
+            cors_origins: self.cors_origins,
+        })
+    }
+}
+
+/// Checks one `cors_origins` entry: `"*"` or an origin as browsers send it in `Origin`
+/// (`scheme://host[:port]`, no path and no trailing slash), since entries are compared
+/// exactly and anything else would silently never match.
+fn check_cors_origin(origin: &str) -> Result<(), ConfigError> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let well_formed = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "long_poll.cors_origins: {origin:?} must be \"*\" or an origin like \
+             \"https://app.example\" (scheme://host[:port], no path or trailing slash)"
+        )))
+    }
+}
+
 /// A `[limits]` value, or its default; zero is refused because it would disable the server.
 fn positive<T>(key: &str, value: Option<T>, default: T) -> Result<T, ConfigError>
+where
+    T: Copy + PartialEq + From<u8>,
+{
+    positive_in("limits", key, value, default)
+}
+
+/// A value of `[section]`, or its default; zero is refused because it would disable a feature.
+fn positive_in<T>(section: &str, key: &str, value: Option<T>, default: T) -> Result<T, ConfigError>
 where
     T: Copy + PartialEq + From<u8>,
 {
     match value {
         None => Ok(default),
         Some(v) if v == T::from(0) => Err(ConfigError::Invalid(format!(
-            "limits.{key}: must be greater than 0"
+            "{section}.{key}: must be greater than 0"
         ))),
         Some(v) => Ok(v),
     }
@@ -687,6 +950,55 @@ connections_max = 8
             [1024, 2, 3, 4, 7, 8]
         );
         assert_eq!((l.handshake_timeout_ms, l.idle_timeout_ms), (5, 6));
+    }
+
+    #[test]
+    fn long_poll_section_has_defaults_and_reads_every_key() {
+        let d = Config::from_toml_str("").unwrap().long_poll;
+        assert_eq!(d.poll_hold_ms, LONG_POLL_HOLD_MS_DEFAULT);
+        assert_eq!(d.session_expiry_ms, LONG_POLL_SESSION_EXPIRY_MS_DEFAULT);
+        assert_eq!(d.sessions_max, LONG_POLL_SESSIONS_MAX_DEFAULT);
+        assert_eq!(d.body_bytes_max, LONG_POLL_BODY_BYTES_MAX_DEFAULT);
+        assert_eq!(d.queue_frames_max, LONG_POLL_QUEUE_FRAMES_MAX_DEFAULT);
+        assert!(d.cors_origins.is_empty());
+        let c = Config::from_toml_str(
+            r#"
+[long_poll]
+poll_hold_ms = 100
+session_expiry_ms = 200
+sessions_max = 3
+body_bytes_max = 4
+queue_frames_max = 5
+cors_origins = ["https://app.example", "http://localhost:5173", "*"]
+"#,
+        )
+        .unwrap()
+        .long_poll;
+        assert_eq!((c.poll_hold_ms, c.session_expiry_ms), (100, 200));
+        assert_eq!(
+            (c.sessions_max, c.body_bytes_max, c.queue_frames_max),
+            (3, 4, 5)
+        );
+        assert_eq!(c.cors_origins.len(), 3);
+    }
+
+    #[test]
+    fn long_poll_section_rejects_bad_values_by_name() {
+        assert!(err("[long_poll]\nholds = 1").contains("holds"));
+        assert!(err("[long_poll]\nsessions_max = 0").contains("long_poll.sessions_max"));
+        assert!(
+            err("[long_poll]\npoll_hold_ms = 500\nsession_expiry_ms = 500")
+                .contains("session_expiry_ms")
+        );
+        for bad in [
+            "https://app.example/",
+            "app.example",
+            "https://a.example/path",
+            "",
+        ] {
+            let text = format!("[long_poll]\ncors_origins = [{bad:?}]");
+            assert!(err(&text).contains("cors_origins"), "{bad}");
+        }
     }
 
     #[test]

@@ -232,7 +232,11 @@ pub async fn run<W: Workload>(ctx: &ClientCtx, w: &mut W, stop: &mut Stop) {
                 delay_after_drop_ms()
             }
         };
-        if stop.or(sleep(Duration::from_millis(delay_ms))).await.is_none() {
+        if stop
+            .or(sleep(Duration::from_millis(delay_ms)))
+            .await
+            .is_none()
+        {
             return;
         }
     }
@@ -249,8 +253,16 @@ async fn session<W: Workload>(ctx: &ClientCtx, w: &mut W, mut ws: Ws, stop: &mut
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => match proto::parse_server(text.as_str()) {
                     Ok(ServerMsg::Connected {
-                        server_node, end, ..
-                    }) => return Ok((server_node, end)),
+                        version,
+                        server_node,
+                        end,
+                    }) => {
+                        if version != i64::from(proto::PROTOCOL_VERSION) {
+                            ctx.errors
+                                .add(&format!("protocol:connected_version_{version}"));
+                        }
+                        return Ok((server_node, end));
+                    }
                     Ok(ServerMsg::Error(kind)) => return Err(End::ServerError(kind)),
                     Ok(ServerMsg::Headers | ServerMsg::Debug) => {}
                     Ok(_) => ctx.errors.add("protocol:message_before_connected"),
@@ -391,8 +403,8 @@ async fn handle<W: Workload>(
             w.on_synced(added, now);
             None
         }
-        Ok(ServerMsg::Ping(_)) => Some(proto::pong_frame(w.own_added())),
-        Ok(ServerMsg::Pong(_)) => {
+        Ok(ServerMsg::Ping) => Some(proto::pong_frame(w.own_added())),
+        Ok(ServerMsg::Pong) => {
             answers_due.pop_front();
             w.on_pong(now);
             None

@@ -63,8 +63,6 @@ pub fn own_meta(ms: u64, seq: u32, base_time: i64) -> String {
 pub struct SyncFrame {
     /// The frame being built.
     text: String,
-    /// Pairs added so far.
-    pairs: usize,
 }
 
 impl SyncFrame {
@@ -73,7 +71,7 @@ impl SyncFrame {
         let mut text = String::with_capacity(256);
         text.push_str("[\"sync\",");
         text.push_str(&added.to_string());
-        SyncFrame { text, pairs: 0 }
+        SyncFrame { text }
     }
 
     /// Appends one `action, meta` pair.
@@ -82,17 +80,6 @@ impl SyncFrame {
         self.text.push_str(action);
         self.text.push(',');
         self.text.push_str(meta);
-        self.pairs += 1;
-    }
-
-    /// How many pairs the frame holds.
-    pub fn len(&self) -> usize {
-        self.pairs
-    }
-
-    /// True when no pair was added.
-    pub fn is_empty(&self) -> bool {
-        self.pairs == 0
     }
 
     /// The finished frame.
@@ -116,7 +103,9 @@ pub fn subscribe_action(channel_json: &str, since: Option<&(String, i64)>) -> St
 /// The benchmark action `{type, room, n, sent_at_ms}`. `type_json` and `room_json` are JSON
 /// string literals; `sent_at_ms` is wall-clock milliseconds (fractional for µs precision).
 pub fn bench_action(type_json: &str, room_json: &str, n: u64, sent_at_ms: f64) -> String {
-    format!("{{\"type\":{type_json},\"room\":{room_json},\"n\":{n},\"sent_at_ms\":{sent_at_ms:.3}}}")
+    format!(
+        "{{\"type\":{type_json},\"room\":{room_json},\"n\":{n},\"sent_at_ms\":{sent_at_ms:.3}}}"
+    )
 }
 
 /// `["synced",added]`.
@@ -145,8 +134,6 @@ pub enum ServerMsg {
         version: i64,
         /// The server's node id (short id forms in `sync` refer to it).
         server_node: String,
-        /// Server time when the `connect` arrived.
-        start: i64,
         /// Server time when authentication finished: the `baseTime`.
         end: i64,
     },
@@ -159,10 +146,11 @@ pub enum ServerMsg {
     },
     /// `["synced",added]`.
     Synced(u64),
-    /// `["ping",added]`.
-    Ping(u64),
+    /// `["ping",added]` (the value is the server's own log position; a client answers with
+    /// its own).
+    Ping,
     /// `["pong",added]`.
-    Pong(u64),
+    Pong,
     /// `["error",type,options?]`.
     Error(String),
     /// `["debug","error",text]` (development mode only).
@@ -225,10 +213,10 @@ pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
                 .get(3)
                 .and_then(Value::as_array)
                 .ok_or(ParseError::Shape("connected without [start, end]"))?;
+            as_i64(times.first())?;
             ServerMsg::Connected {
                 version,
                 server_node,
-                start: as_i64(times.first())?,
                 end: as_i64(times.get(1))?,
             }
         }
@@ -244,8 +232,14 @@ pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
             }
         }
         "synced" => ServerMsg::Synced(as_u64(items.get(1))?),
-        "ping" => ServerMsg::Ping(as_u64(items.get(1))?),
-        "pong" => ServerMsg::Pong(as_u64(items.get(1))?),
+        "ping" => {
+            as_u64(items.get(1))?;
+            ServerMsg::Ping
+        }
+        "pong" => {
+            as_u64(items.get(1))?;
+            ServerMsg::Pong
+        }
         "error" => ServerMsg::Error(
             items
                 .get(1)
@@ -345,7 +339,6 @@ mod tests {
             Ok(ServerMsg::Connected {
                 version: 5,
                 server_node,
-                start: 10,
                 end: 12,
             }) => assert_eq!(server_node, "server:x"),
             other => panic!("{other:?}"),
@@ -354,8 +347,11 @@ mod tests {
             Ok(ServerMsg::Sync { added: 4, pairs }) => assert_eq!(pairs.len(), 2),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_server(r#"["ping",3]"#), Ok(ServerMsg::Ping(3))));
-        assert!(matches!(parse_server(r#"["ready",3]"#), Ok(ServerMsg::Unknown(_))));
+        assert!(matches!(parse_server(r#"["ping",3]"#), Ok(ServerMsg::Ping)));
+        assert!(matches!(
+            parse_server(r#"["ready",3]"#),
+            Ok(ServerMsg::Unknown(_))
+        ));
         assert!(parse_server("hello").is_err());
         assert!(parse_server(r#"["sync",1,{}]"#).is_err());
     }

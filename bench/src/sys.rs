@@ -88,11 +88,6 @@ pub fn fd_limits() -> FdLimits {
     }
 }
 
-/// File descriptors open now (entries of /proc/self/fd).
-pub fn open_fds() -> Option<u64> {
-    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
-}
-
 /// File descriptors ferry-bench keeps for itself (runtime, stdio, /proc reads) on top of
 /// one per connection.
 pub const FD_MARGIN: u64 = 64;

@@ -16,6 +16,8 @@
 import { WsConnection } from '@logux/core'
 import WebSocket from 'ws'
 
+import { LongPollConnection } from '../../js-client-fixtures/long-poll-connection.mjs'
+
 // Node 20 has no global WebSocket; @logux/client's WsConnection looks for one.
 globalThis.WebSocket ??= WebSocket
 
@@ -25,9 +27,14 @@ const all = [
     url: port => 'ws://127.0.0.1:' + port + '/',
     connection: url => new WsConnection(url, WebSocket),
     sendText: (conn, text) => conn.ws.send(text)
+  },
+  {
+    name: 'long-poll',
+    url: port => 'http://127.0.0.1:' + port,
+    connection: url => new LongPollConnection(url),
+    // The send body carries each frame's exact text, so raw non-JSON frames work too.
+    sendText: (conn, text) => conn.sendText(text)
   }
-  // A later HTTP long-poll transport goes here, with its Connection class from
-  // js-client-fixtures/long-poll-connection.mjs.
 ]
 
 let only = process.env.COMPAT_TRANSPORTS

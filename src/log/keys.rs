@@ -22,6 +22,8 @@ pub(super) const CHANNEL_PREFIX: u8 = b'c';
 pub(super) const TARGET_PREFIX: u8 = b't';
 /// Prefix of the metadata records.
 pub(super) const META_PREFIX: u8 = b'm';
+/// Object states kept by reducers: `s` + object key -> added (u64 BE) + state bytes.
+pub(super) const STATE_PREFIX: u8 = b's';
 /// Name of the metadata record that holds the highest `added` ever assigned.
 const LAST_ADDED_NAME: &[u8] = b"last_added";
 /// Name prefix of the settings inside the metadata records, so that a setting can never
@@ -198,6 +200,14 @@ pub(super) fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, LogError> 
 /// A printable form of a key for error messages.
 pub(super) fn describe_key(key: &[u8]) -> String {
     key.escape_ascii().to_string()
+}
+
+/// The key of an object's state.
+pub(super) fn state_key(object: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + object.len());
+    key.push(STATE_PREFIX);
+    key.extend_from_slice(object.as_bytes());
+    key
 }
 
 #[cfg(test)]

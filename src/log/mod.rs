@@ -77,6 +77,30 @@ pub trait CommitListener: Send + Sync + 'static {
     fn write_failed(&self, _reason: &str) {}
 }
 
+/// Keeps per-object state next to the log: the writer calls it for every stored entry, in
+/// `added` order, and writes the new state in the same batch as the entry, so state and log
+/// never disagree after a crash.
+pub trait StateReducer: Send + Sync + 'static {
+    /// The key of the object whose state `entry` updates, if any.
+    fn object_key(&self, entry: &Entry) -> Option<String>;
+
+    /// The object's new state after `entry` (`state` is `None` for a new object), or `None`
+    /// to leave it unchanged.
+    fn reduce(&self, key: &str, state: Option<&[u8]>, entry: &Entry) -> Option<Vec<u8>>;
+}
+
+/// An object's stored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectState {
+    /// The object key.
+    pub key: String,
+    /// Position of the last entry applied to it: the state includes every entry of the
+    /// object up to here.
+    pub added: u64,
+    /// The reducer's state bytes.
+    pub state: Vec<u8>,
+}
+
 /// Called after the flush and before the `CommitListener`, with this request's outcomes.
 pub type DurableHook = Box<dyn FnOnce(&[AppendOutcome]) + Send>;
 
@@ -204,6 +228,16 @@ impl Log {
         options: LogOptions,
         listener: Arc<dyn CommitListener>,
     ) -> Result<Log, LogError> {
+        Log::open_with_reducer(dir, options, listener, None)
+    }
+
+    /// Like `open`, with a reducer that keeps object states in the same writes as the log.
+    pub fn open_with_reducer(
+        dir: &Path,
+        options: LogOptions,
+        listener: Arc<dyn CommitListener>,
+        reducer: Option<Arc<dyn StateReducer>>,
+    ) -> Result<Log, LogError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|error| {
             tracing::error!(%error, "the log must be opened inside a tokio runtime");
             LogError::Closed
@@ -233,6 +267,7 @@ impl Log {
             shared: Arc::clone(&shared),
             receiver,
             listener,
+            reducer,
             next_added: head + 1,
             group_entries_max: options.group_commit_entries_max.max(1),
         };
@@ -286,6 +321,26 @@ impl Log {
     /// Groups that stored nothing new (only duplicates) are not counted: they write nothing.
     pub fn group_commits(&self) -> u64 {
         self.inner.shared.group_commits.load(Ordering::Relaxed)
+    }
+
+    /// The stored state of one object.
+    pub fn state(&self, object: &str) -> Result<Option<ObjectState>, LogError> {
+        let key = keys::state_key(object);
+        match self.inner.shared.db.get(&key)? {
+            Some(value) => decode_state(object, &key, &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored states of every object whose key starts with `prefix`, in key order.
+    pub fn states_with_prefix(&self, prefix: &str) -> Result<Vec<ObjectState>, LogError> {
+        let mut states = Vec::new();
+        for item in self.inner.shared.db.scan_prefix(keys::state_key(prefix)) {
+            let (key, value) = item?;
+            let object = String::from_utf8_lossy(&key[1..]).into_owned();
+            states.push(decode_state(&object, &key, &value)?);
+        }
+        Ok(states)
     }
 
     /// Bytes the log's files take on disk, as sled reports it.
@@ -544,4 +599,20 @@ impl<I: Iterator<Item = Result<u64, LogError>>> Iterator for MergeAscending<I> {
         }
         Some(Ok(smallest))
     }
+}
+
+/// Splits a state record into its position and state bytes.
+fn decode_state(object: &str, key: &[u8], value: &[u8]) -> Result<ObjectState, LogError> {
+    if value.len() < keys::ADDED_LEN_BYTES {
+        return Err(LogError::Corrupt {
+            key: keys::describe_key(key),
+            reason: "state record is too short".into(),
+        });
+    }
+    let (added, state) = value.split_at(keys::ADDED_LEN_BYTES);
+    Ok(ObjectState {
+        key: object.to_owned(),
+        added: keys::decode_added(key, added)?,
+        state: state.to_vec(),
+    })
 }

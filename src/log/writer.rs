@@ -1,8 +1,8 @@
 //! The single writer task: it owns the `added` counter and turns queued appends into group
 //! commits (one sled batch and one flush for many requests).
 
-use super::keys::{entry_key, id_key, index_keys, last_added_key};
-use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared};
+use super::keys::{entry_key, id_key, index_keys, last_added_key, state_key, ADDED_LEN_BYTES};
+use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer};
 use crate::action::Entry;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,6 +41,8 @@ pub(super) struct Writer {
     pub(super) receiver: mpsc::Receiver<Request>,
     /// Told about every group commit.
     pub(super) listener: Arc<dyn CommitListener>,
+    /// Keeps object states in the same batches as the entries.
+    pub(super) reducer: Option<Arc<dyn StateReducer>>,
     /// The `added` the next new entry gets.
     pub(super) next_added: u64,
     /// Most entries gathered into one group commit.
@@ -89,10 +91,17 @@ impl Writer {
 
         let mut batch = sled::Batch::default();
         let mut group_ids = HashMap::new();
+        let mut group_states = HashMap::new();
         let mut stored = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
         for request in group {
-            let result = self.stage(request.entries, &mut group_ids, &mut batch, &mut stored);
+            let result = self.stage(
+                request.entries,
+                &mut group_ids,
+                &mut group_states,
+                &mut batch,
+                &mut stored,
+            );
             staged.push(Staged {
                 result,
                 hook: request.hook,
@@ -157,6 +166,7 @@ impl Writer {
         &mut self,
         entries: Vec<Entry>,
         group_ids: &mut HashMap<String, u64>,
+        group_states: &mut HashMap<String, Vec<u8>>,
         batch: &mut sled::Batch,
         stored: &mut Vec<Arc<Entry>>,
     ) -> Result<Vec<AppendOutcome>, LogError> {
@@ -164,6 +174,8 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(entries.len());
         let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut fresh = Vec::new();
+        // States changed by this request; merged into the group's only if it succeeds.
+        let mut states: HashMap<String, Vec<u8>> = HashMap::new();
         let mut result = Ok(());
         for mut entry in entries {
             if let Some(&existing) = group_ids.get(&entry.meta.id) {
@@ -193,6 +205,10 @@ impl Writer {
                     break;
                 }
             };
+            if let Err(error) = self.reduce(&entry, group_states, &mut states) {
+                result = Err(error);
+                break;
+            }
             records.push((entry_key(added).to_vec(), json));
             records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
             for key in index_keys(&entry) {
@@ -214,8 +230,46 @@ impl Writer {
         for (key, value) in records {
             batch.insert(key, value);
         }
+        for (object, state) in states {
+            batch.insert(state_key(&object), state.clone());
+            group_states.insert(object, state);
+        }
         stored.extend(fresh.into_iter().map(Arc::new));
         Ok(outcomes)
+    }
+
+    /// Applies the reducer to one entry; the new state record (added + state) goes to
+    /// `states`, on top of what this group already changed.
+    fn reduce(
+        &self,
+        entry: &Entry,
+        group_states: &HashMap<String, Vec<u8>>,
+        states: &mut HashMap<String, Vec<u8>>,
+    ) -> Result<(), LogError> {
+        let Some(reducer) = &self.reducer else {
+            return Ok(());
+        };
+        let Some(object) = reducer.object_key(entry) else {
+            return Ok(());
+        };
+        let current = match states.get(&object).or_else(|| group_states.get(&object)) {
+            Some(record) => Some(record.clone()),
+            None => self
+                .shared
+                .db
+                .get(state_key(&object))?
+                .map(|value| value.to_vec()),
+        };
+        let previous = current
+            .as_deref()
+            .and_then(|record| record.get(ADDED_LEN_BYTES..));
+        if let Some(state) = reducer.reduce(&object, previous, entry) {
+            let mut record = Vec::with_capacity(ADDED_LEN_BYTES + state.len());
+            record.extend_from_slice(&entry.meta.added.to_be_bytes());
+            record.extend_from_slice(&state);
+            states.insert(object, record);
+        }
+        Ok(())
     }
 
     /// The position of an already stored id.

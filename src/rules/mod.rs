@@ -11,6 +11,7 @@ pub mod auth;
 mod pattern;
 
 use crate::config::{Access, Config, ConfigError};
+use crate::crdt::ReducerKind;
 use pattern::{ChannelPattern, Template, TypeSelector};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -38,6 +39,74 @@ pub enum ActionDecision {
     UnknownType,
     /// A rule matches but refuses this user (`denied`).
     Denied,
+    /// A SyncMap operation on the object `<plural>/<id>`.
+    SyncMap {
+        /// The SyncMap's plural name.
+        plural: String,
+        /// The object id.
+        id: String,
+        /// What the client asked for.
+        op: SyncMapOp,
+    },
+}
+
+/// The three SyncMap operations clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMapOp {
+    /// `<plural>/create`: becomes `<plural>/created`.
+    Create,
+    /// `<plural>/change`: becomes `<plural>/changed`.
+    Change,
+    /// `<plural>/delete`: becomes `<plural>/deleted`.
+    Delete,
+}
+
+impl SyncMapOp {
+    /// The type of the action the server re-sends for this operation.
+    pub fn finished_type(self, plural: &str) -> String {
+        match self {
+            SyncMapOp::Create => format!("{plural}/created"),
+            SyncMapOp::Change => format!("{plural}/changed"),
+            SyncMapOp::Delete => format!("{plural}/deleted"),
+        }
+    }
+}
+
+/// The object state a stored action updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// The object key, which is also its channel (`tasks/7`, `counter/5`).
+    pub key: String,
+    /// Which CRDT holds its state.
+    pub kind: ReducerKind,
+    /// Counter only: the delta field.
+    pub field: Option<String>,
+}
+
+/// A channel that belongs to a SyncMap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncMapChannel {
+    /// `<plural>/<id>`: one object.
+    Object {
+        /// The plural name.
+        plural: String,
+        /// The object id.
+        id: String,
+    },
+    /// `<plural>`: the filter channel listing every object.
+    Filter {
+        /// The plural name.
+        plural: String,
+    },
+}
+
+/// One compiled `[[reducers]]` rule.
+#[derive(Debug, Clone)]
+struct ReducerCheck {
+    kind: ReducerKind,
+    object: Template,
+    field: Option<String>,
+    access: TypeAccess,
 }
 
 /// Compiled channel and type rules.
@@ -51,6 +120,10 @@ pub struct Rules {
     prefix_types: Vec<(String, TypeCheck)>,
     /// The `*` rule.
     fallback_type: Option<TypeCheck>,
+    /// SyncMaps by plural: true when anyone may use them.
+    sync_maps: HashMap<String, bool>,
+    /// Reducers by exact action type.
+    reducers: HashMap<String, ReducerCheck>,
 }
 
 /// Who may subscribe to the channels of one pattern.
@@ -166,16 +239,148 @@ impl Rules {
         // which cannot overlap since duplicates were refused).
         prefix_types.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
 
+        let sync_maps = config
+            .sync_maps
+            .iter()
+            .map(|rule| (rule.plural.clone(), rule.access == Access::Anyone))
+            .collect();
+        let mut reducers = HashMap::new();
+        for (index, rule) in config.reducers.iter().enumerate() {
+            let name = format!("reducers[{index}] (type {:?})", rule.action_type);
+            let object = Template::parse(&rule.object).map_err(|e| {
+                ConfigError::Invalid(format!("{name}: object {:?}: {e}", rule.object))
+            })?;
+            let access = match &rule.access {
+                Access::Anyone => TypeAccess::Anyone,
+                Access::Nobody => TypeAccess::Nobody,
+                Access::Field(field) => TypeAccess::Field(field.clone()),
+                Access::Param(_) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{name}: access \"param:\" is only for [[channels]]"
+                    )))
+                }
+            };
+            let check = ReducerCheck {
+                kind: rule.kind,
+                object,
+                field: rule.field.clone(),
+                access,
+            };
+            if reducers.insert(rule.action_type.clone(), check).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: the type has two reducers"
+                )));
+            }
+        }
+
         Ok(Rules {
             channels,
             exact_types,
             prefix_types,
             fallback_type,
+            sync_maps,
+            reducers,
+        })
+    }
+
+    /// The SyncMap a channel belongs to, if any.
+    pub fn sync_map_channel(&self, channel: &str) -> Option<SyncMapChannel> {
+        if self.sync_maps.contains_key(channel) {
+            return Some(SyncMapChannel::Filter {
+                plural: channel.to_owned(),
+            });
+        }
+        let (plural, id) = channel.split_once('/')?;
+        (self.sync_maps.contains_key(plural) && !id.is_empty() && !id.contains('/')).then(|| {
+            SyncMapChannel::Object {
+                plural: plural.to_owned(),
+                id: id.to_owned(),
+            }
+        })
+    }
+
+    /// The object state a stored action updates: the `<plural>/created|changed|deleted`
+    /// actions of SyncMaps, and the actions of `[[reducers]]` types.
+    pub fn object_of(&self, action: &Value) -> Option<ObjectRef> {
+        let action_type = action.get("type").and_then(Value::as_str)?;
+        if let Some(rule) = self.reducers.get(action_type) {
+            return Some(ObjectRef {
+                key: rule.object.fill(action)?,
+                kind: rule.kind,
+                field: rule.field.clone(),
+            });
+        }
+        let (plural, suffix) = action_type.rsplit_once('/')?;
+        if !matches!(suffix, "created" | "changed" | "deleted")
+            || !self.sync_maps.contains_key(plural)
+        {
+            return None;
+        }
+        Some(ObjectRef {
+            key: format!("{plural}/{}", object_id(action)?),
+            kind: ReducerKind::LwwMap,
+            field: None,
+        })
+    }
+
+    /// Checks a SyncMap or reducer action; `None` when the type is neither.
+    fn check_object_action(&self, action: &Value, user_id: Option<&str>) -> Option<ActionDecision> {
+        let action_type = action.get("type").and_then(Value::as_str)?;
+        if let Some(rule) = self.reducers.get(action_type) {
+            if !type_access_allows(&rule.access, action, user_id) {
+                return Some(ActionDecision::Denied);
+            }
+            let valid = match rule.kind {
+                ReducerKind::Counter => {
+                    let field = rule
+                        .field
+                        .as_deref()
+                        .unwrap_or(crate::crdt::DEFAULT_DELTA_FIELD);
+                    crate::crdt::CounterOp::parse(action, field).is_ok()
+                }
+                ReducerKind::Set => crate::crdt::SetOp::parse(action).is_ok(),
+                ReducerKind::List => crate::crdt::ListOp::parse(action).is_ok(),
+                ReducerKind::LwwMap => crate::crdt::LwwOp::parse(action).is_ok(),
+            };
+            return Some(match (valid, rule.object.fill(action)) {
+                (true, Some(object)) => ActionDecision::Allowed {
+                    channels: vec![object],
+                },
+                _ => ActionDecision::Denied,
+            });
+        }
+        let (plural, suffix) = action_type.rsplit_once('/')?;
+        let anyone = *self.sync_maps.get(plural)?;
+        let op = match suffix {
+            "create" => SyncMapOp::Create,
+            "change" => SyncMapOp::Change,
+            "delete" => SyncMapOp::Delete,
+            _ => return None,
+        };
+        let fields_ok =
+            op == SyncMapOp::Delete || action.get("fields").is_some_and(Value::is_object);
+        Some(match object_id(action) {
+            Some(id) if anyone && fields_ok && !id.contains('/') => ActionDecision::SyncMap {
+                plural: plural.to_owned(),
+                id,
+                op,
+            },
+            _ => ActionDecision::Denied,
         })
     }
 
     /// May `user_id` subscribe to `channel`?
     pub fn check_subscribe(&self, channel: &str, user_id: Option<&str>) -> SubscribeDecision {
+        if let Some(map) = self.sync_map_channel(channel) {
+            let plural = match &map {
+                SyncMapChannel::Object { plural, .. } | SyncMapChannel::Filter { plural } => plural,
+            };
+            return if self.sync_maps.get(plural).copied().unwrap_or(false) {
+                SubscribeDecision::Allowed
+            } else {
+                SubscribeDecision::Denied
+            };
+        }
         for rule in &self.channels {
             let capture = match rule.access {
                 ChannelAccess::Param(position) => Some(position),
@@ -200,6 +405,9 @@ impl Rules {
 
     /// May `user_id` add `action`, and where is it re-sent?
     pub fn check_action(&self, action: &Value, user_id: Option<&str>) -> ActionDecision {
+        if let Some(decision) = self.check_object_action(action, user_id) {
+            return decision;
+        }
         let Some(rule) = action
             .get("type")
             .and_then(Value::as_str)
@@ -207,15 +415,7 @@ impl Rules {
         else {
             return ActionDecision::UnknownType;
         };
-        let allowed = match &rule.access {
-            TypeAccess::Anyone => true,
-            TypeAccess::Nobody => false,
-            TypeAccess::Field(field) => match user_id {
-                Some(user_id) => field_equals_user(action.get(field), user_id),
-                None => false,
-            },
-        };
-        if !allowed {
+        if !type_access_allows(&rule.access, action, user_id) {
             return ActionDecision::Denied;
         }
         let mut channels: Vec<String> = Vec::with_capacity(rule.resend.len());
@@ -249,6 +449,27 @@ fn field_equals_user(value: Option<&Value>, user_id: &str) -> bool {
         Some(Value::String(text)) => text == user_id,
         Some(Value::Number(number)) => number.to_string() == user_id,
         _ => false,
+    }
+}
+
+/// True when the type access rule lets `user_id` add `action`.
+fn type_access_allows(access: &TypeAccess, action: &Value, user_id: Option<&str>) -> bool {
+    match access {
+        TypeAccess::Anyone => true,
+        TypeAccess::Nobody => false,
+        TypeAccess::Field(field) => match user_id {
+            Some(user_id) => field_equals_user(action.get(field), user_id),
+            None => false,
+        },
+    }
+}
+
+/// A SyncMap action's `id`: a string, or a number as its JSON text.
+fn object_id(action: &Value) -> Option<String> {
+    match action.get("id")? {
+        Value::String(id) if !id.is_empty() => Some(id.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
     }
 }
 

@@ -49,12 +49,62 @@ enum AuthResult {
 }
 
 /// Facts about the peer that transports know and auth may use.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Peer {
     /// The TCP peer address (proxies' `X-Forwarded-For` is not trusted).
     pub addr: IpAddr,
     /// `"ws"` or `"long-poll"`, for logs and metrics.
     pub transport: &'static str,
+    /// Headers of the request that opened the connection (the WebSocket upgrade, the
+    /// long-poll `open`), names lowercased, in order, so auth can use them like
+    /// `@logux/server`'s `client.httpHeaders`. Values that are not visible ASCII are left out.
+    pub headers: Arc<Vec<(String, String)>>,
+    /// Cookies of that request's `Cookie` headers, `(name, value)` in order, so auth can use a
+    /// session cookie like `@logux/server`'s authenticator does.
+    pub cookies: Arc<Vec<(String, String)>>,
+}
+
+impl Peer {
+    /// A peer known only by address (in-memory transports and tests).
+    pub fn new(addr: IpAddr, transport: &'static str) -> Peer {
+        Peer {
+            addr,
+            transport,
+            headers: Arc::default(),
+            cookies: Arc::default(),
+        }
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The first value of cookie `name` (case-sensitive, as cookie names are).
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Shows header and cookie names only: their values may be credentials.
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |list: &[(String, String)]| -> Vec<String> {
+            list.iter().map(|(name, _)| name.clone()).collect()
+        };
+        f.debug_struct("Peer")
+            .field("addr", &self.addr)
+            .field("transport", &self.transport)
+            .field("headers", &names(&self.headers))
+            .field("cookies", &names(&self.cookies))
+            .finish()
+    }
 }
 
 /// Remembers the last positions sent, to drop a second copy of the same action.
@@ -363,6 +413,11 @@ impl Connection {
                     self.send_entries(held);
                 }
             }
+            Outbound::Absorbed(positions) => {
+                for added in positions {
+                    self.recent.insert(added);
+                }
+            }
             Outbound::Synced(added) => self.pending_frames.push(Session::synced_frame(&added)),
             Outbound::Frame(frame) => self.pending_frames.push(frame),
         }
@@ -371,7 +426,8 @@ impl Connection {
     fn send_entries(&mut self, entries: Vec<Arc<Entry>>) {
         let fresh: Vec<_> = entries
             .into_iter()
-            .filter(|entry| self.recent.insert(entry.meta.added))
+            // Unstored server actions (snapshots) have no position and are never repeats.
+            .filter(|entry| entry.meta.added == 0 || self.recent.insert(entry.meta.added))
             .collect();
         self.server
             .metrics

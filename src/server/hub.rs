@@ -30,6 +30,8 @@ pub enum Outbound {
     Catchup(Vec<Arc<Entry>>),
     /// The catch-up announced by the oldest open `CatchupPending` is complete.
     CatchupDone,
+    /// Positions already covered by a snapshot sent in a catch-up: never send them.
+    Absorbed(Vec<u64>),
     /// The client's `sync` is durable: send `synced` with this `added`.
     Synced(Number),
     /// A ready-made frame (`debug`).

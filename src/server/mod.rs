@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod connection;
 pub mod hub;
+pub mod objects;
 pub mod pipeline;
 
 use crate::action::Entry;
@@ -150,8 +151,13 @@ impl Server {
             dir: config.data_dir.display().to_string(),
             source,
         };
-        let log =
-            Log::open(&config.data_dir, LogOptions::default(), listener).map_err(log_error)?;
+        let log = Log::open_with_reducer(
+            &config.data_dir,
+            LogOptions::default(),
+            listener,
+            Some(Arc::new(objects::ObjectReducer::new(rules.clone()))),
+        )
+        .map_err(log_error)?;
         let node_id = match node_id {
             Some(node_id) => node_id,
             None => match log.get_setting(NODE_ID_SETTING).map_err(log_error)? {

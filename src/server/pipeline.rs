@@ -16,7 +16,7 @@ use super::Server;
 use crate::action::{Entry, Meta};
 use crate::log::{AppendOutcome, DurableHook, LogError};
 use crate::protocol::{IncomingEntry, IncomingSync};
-use crate::rules::{ActionDecision, SubscribeDecision};
+use crate::rules::{ActionDecision, SubscribeDecision, SyncMapChannel, SyncMapOp};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -42,8 +42,8 @@ pub enum PipelineError {
 
 /// The per-connection worker.
 pub struct Worker {
-    server: Arc<Server>,
-    conn: Arc<ConnHandle>,
+    pub(super) server: Arc<Server>,
+    pub(super) conn: Arc<ConnHandle>,
     /// The `synced` the client sent in `connect`: it has every action targeted at it up to
     /// this position.
     connect_synced: u64,
@@ -90,7 +90,7 @@ impl Worker {
         }
     }
 
-    async fn send(&self, item: Outbound) -> Result<(), PipelineError> {
+    pub(super) async fn send(&self, item: Outbound) -> Result<(), PipelineError> {
         if self.conn.is_kicked() {
             return Err(PipelineError::Disconnected);
         }
@@ -226,6 +226,9 @@ impl Worker {
                         batch.push(entry);
                         batch.push(processed);
                     }
+                    ActionDecision::SyncMap { plural, id, op } => {
+                        self.sync_map_action(entry, &plural, &id, op, batch, debug)?;
+                    }
                     ActionDecision::UnknownType => {
                         received.with_label_values(&["unknown_type"]).inc();
                         self.undo(entry, "unknownType", batch, debug);
@@ -266,11 +269,38 @@ impl Worker {
                 self.undo(entry, "denied", batch, debug);
             }
             SubscribeDecision::Allowed => {
-                received.with_label_values(&["processed"]).inc();
                 let channel = channel.to_owned();
-                self.channel_catchup(&channel, entry.action.get("since"))
-                    .await?;
-                self.processed(&entry, batch);
+                let refused = match self.server.rules.sync_map_channel(&channel) {
+                    Some(SyncMapChannel::Object { plural, .. }) => {
+                        self.subscribe_sync_map_object(&channel, &plural, &entry.action)
+                            .await?
+                    }
+                    Some(SyncMapChannel::Filter { plural }) => {
+                        self.subscribe_sync_map_filter(&plural, &entry.action)
+                            .await?;
+                        None
+                    }
+                    None => {
+                        if !self
+                            .subscribe_reducer_channel(&channel, &entry.action)
+                            .await?
+                        {
+                            self.channel_catchup(&channel, entry.action.get("since"))
+                                .await?;
+                        }
+                        None
+                    }
+                };
+                match refused {
+                    Some(reason) => {
+                        received.with_label_values(&["not_found"]).inc();
+                        self.undo(entry, reason, batch, debug);
+                    }
+                    None => {
+                        received.with_label_values(&["processed"]).inc();
+                        self.processed(&entry, batch);
+                    }
+                }
             }
         }
         Ok(())
@@ -344,6 +374,64 @@ impl Worker {
             return Ok(());
         }
         self.send(Outbound::Catchup(page)).await
+    }
+
+    /// A SyncMap `create`/`change`/`delete`: stored once as the `created`/`changed`/`deleted`
+    /// action other clients receive (with the client's own id and time, so duplicates are
+    /// recognised and last-write-wins uses the real time). Deleted objects stay deleted.
+    fn sync_map_action(
+        &self,
+        entry: Entry,
+        plural: &str,
+        id: &str,
+        op: SyncMapOp,
+        batch: &mut Vec<Entry>,
+        debug: &mut Vec<String>,
+    ) -> Result<(), PipelineError> {
+        let key = format!("{plural}/{id}");
+        let deleted = match self.server.log.state(&key)? {
+            Some(stored) => matches!(
+                super::objects::decode(&stored.state),
+                Some(crate::crdt::State::LwwMap(object)) if object.is_deleted()
+            ),
+            None => false,
+        };
+        if deleted && op != SyncMapOp::Delete {
+            self.server
+                .metrics
+                .actions_received
+                .with_label_values(&["not_found"])
+                .inc();
+            self.undo(entry, "notFound", batch, debug);
+            return Ok(());
+        }
+        self.server
+            .metrics
+            .actions_received
+            .with_label_values(&["processed"])
+            .inc();
+        let processed = self.processed_for(&entry);
+        let mut action = Map::new();
+        action.insert("type".into(), json!(op.finished_type(plural)));
+        action.insert(
+            "id".into(),
+            entry.action.get("id").cloned().unwrap_or(json!(id)),
+        );
+        if op != SyncMapOp::Delete {
+            let fields = entry.action.get("fields").cloned().unwrap_or(json!({}));
+            action.insert("fields".into(), fields);
+        }
+        let author = entry.author_client_id().to_owned();
+        let mut stored = entry;
+        stored.action = Value::Object(action);
+        stored.meta.channels = match op {
+            SyncMapOp::Delete => vec![key],
+            SyncMapOp::Create | SyncMapOp::Change => vec![plural.to_owned(), key],
+        };
+        stored.meta.exclude_clients = vec![author];
+        batch.push(stored);
+        batch.push(processed);
+        Ok(())
     }
 
     fn debug_text(&self, text: &str) -> Option<String> {

@@ -1,9 +1,11 @@
-//! The HTTP listener: one port for `GET /health`, WebSocket upgrades on any path, and (later)
-//! metrics and long-poll endpoints.
+//! The HTTP listener: one port for `GET /health`, `GET /metrics`, WebSocket upgrades on any
+//! path, and the long-poll endpoints under `/lp/`.
 
+use super::long_poll::{self, LongPoll};
+use crate::server::connection::Peer;
 use crate::server::Server;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, COOKIE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -42,8 +44,57 @@ pub fn busy(body: &str) -> Response<String> {
     response
 }
 
+/// Sees every `Peer` a transport creates, before its connection starts: a seam for tests that
+/// check what reaches auth.
+pub type PeerObserver = Arc<dyn Fn(&Peer) + Send + Sync>;
+
+/// Options of [`serve_with`].
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    /// Called with every new peer (WebSocket upgrades and long-poll sessions).
+    pub peer_observer: Option<PeerObserver>,
+}
+
+/// The `Peer` of a connection opened by a request with these headers: the TCP address, every
+/// header whose value is visible ASCII, and the cookies of the `Cookie` headers.
+pub fn peer_from_headers(headers: &HeaderMap, remote: SocketAddr, transport: &'static str) -> Peer {
+    let list = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let cookies = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            let name = name.trim();
+            let value = value.trim();
+            // RFC 6265 allows a value in double quotes; the quotes are not part of it.
+            let value = value
+                .strip_prefix('"')
+                .and_then(|inner| inner.strip_suffix('"'))
+                .unwrap_or(value);
+            (!name.is_empty()).then(|| (name.to_owned(), value.to_owned()))
+        })
+        .collect();
+    let mut peer = Peer::new(remote.ip(), transport);
+    peer.headers = Arc::new(list);
+    peer.cookies = Arc::new(cookies);
+    peer
+}
+
 /// Accepts connections until shutdown starts.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
+    serve_with(listener, server, ServeOptions::default()).await;
+}
+
+/// [`serve`] with options.
+pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: ServeOptions) {
+    let long_poll = LongPoll::new(server.clone(), options.peer_observer.clone());
     let permits = Arc::new(Semaphore::new(server.config.limits.connections_max));
     loop {
         let accepted = tokio::select! {
@@ -65,11 +116,23 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
         let _ = stream.set_nodelay(true);
         let permit = permits.clone().try_acquire_owned().ok();
         let server = server.clone();
+        let long_poll = long_poll.clone();
+        let observer = options.peer_observer.clone();
         tokio::spawn(async move {
             let over_limit = permit.is_none();
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let server = server.clone();
-                async move { Ok::<_, Infallible>(route(request, server, remote, over_limit)) }
+                let long_poll = long_poll.clone();
+                let observer = observer.clone();
+                async move {
+                    if long_poll::is_long_poll_path(request.uri().path())
+                        && !super::ws::is_upgrade(&request)
+                    {
+                        let response = long_poll.handle(request, remote, over_limit).await;
+                        return Ok::<_, Infallible>(response);
+                    }
+                    Ok(route(request, server, remote, over_limit, observer))
+                }
             });
             let mut builder = http1::Builder::new();
             builder
@@ -91,6 +154,7 @@ fn route(
     server: Arc<Server>,
     remote: SocketAddr,
     over_limit: bool,
+    observer: Option<PeerObserver>,
 ) -> Response<String> {
     if server.is_shutting_down() {
         return plain(
@@ -115,7 +179,11 @@ fn route(
                 .inc();
             return busy("The waiting room is full, retry later\n");
         }
-        return super::ws::upgrade(request, server, remote);
+        let peer = peer_from_headers(request.headers(), remote, "ws");
+        if let Some(observer) = &observer {
+            observer(&peer);
+        }
+        return super::ws::upgrade(request, server, peer);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/health") => plain(StatusCode::OK, "Ferry: OK\n"),

@@ -1,6 +1,8 @@
-//! Transports: they move frames between sockets and `server::connection`, nothing more.
+//! Transports: they move frames between sockets (or HTTP requests) and `server::connection`,
+//! nothing more.
 //!
 //! Architecture invariant: `hyper` and `tungstenite` appear only here.
 
 pub mod http;
+pub mod long_poll;
 pub mod ws;

@@ -9,7 +9,6 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -37,12 +36,9 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
     has_token(UPGRADE, "websocket") && has_token(CONNECTION, "upgrade")
 }
 
-/// Answers the upgrade with 101 and runs the Logux connection on the upgraded socket.
-pub fn upgrade(
-    request: Request<Incoming>,
-    server: Arc<Server>,
-    remote: SocketAddr,
-) -> Response<String> {
+/// Answers the upgrade with 101 and runs the Logux connection on the upgraded socket. `peer`
+/// carries the upgrade request's address, headers and cookies.
+pub fn upgrade(request: Request<Incoming>, server: Arc<Server>, peer: Peer) -> Response<String> {
     let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
         return super::http::plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
@@ -79,10 +75,6 @@ pub fn upgrade(
         let incoming = Box::pin(incoming);
         let outgoing =
             sink.with(|frame: String| async move { Ok::<_, WsError>(Message::Text(frame.into())) });
-        let peer = Peer {
-            addr: remote.ip(),
-            transport: "ws",
-        };
         connection::run(server, incoming, Box::pin(outgoing), peer).await;
     });
     let mut response = Response::new(String::new());

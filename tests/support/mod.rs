@@ -122,10 +122,7 @@ impl TestServer {
                 Ok::<_, &'static str>(tx)
             },
         ));
-        let peer = Peer {
-            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            transport: "test",
-        };
+        let peer = Peer::new(IpAddr::V4(Ipv4Addr::LOCALHOST), "test");
         let task = tokio::spawn(connection::run(
             self.server.clone(),
             incoming,
