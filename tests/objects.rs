@@ -342,3 +342,53 @@ async fn a_client_back_after_compaction_converges_with_one_that_never_left() {
     // Sent much less than the history: one snapshot instead of 100 actions.
     assert!(back.received.len() < 20, "{}", back.received.len());
 }
+
+#[tokio::test]
+async fn a_resubscription_the_log_still_covers_gets_plain_actions_not_state() {
+    let server = TestServer::start(CONFIG);
+    let now = server.clock.now_ms();
+    let mut writer = Peer::connect(&server, "1:w:t", 0).await;
+    writer
+        .sync(json!({"type": "counter/add", "id": 2, "delta": 1}), now)
+        .await;
+    let since_id = format!("{now} 1:w:t 0");
+    for n in 0..3 {
+        writer
+            .sync(
+                json!({"type": "counter/add", "id": 2, "delta": 10}),
+                now + 1 + n,
+            )
+            .await;
+    }
+    let mut reader = Peer::connect(&server, "2:r:t", 0).await;
+    reader
+        .sync(
+            json!({"type": "logux/subscribe", "channel": "counter/2", "since": {"id": since_id, "time": now}}),
+            now + 10,
+        )
+        .await;
+    assert!(reader.of_type("ferry/state").is_empty());
+    assert_eq!(reader.of_type("counter/add").len(), 3);
+}
+
+#[tokio::test]
+async fn object_state_survives_a_restart() {
+    let server = TestServer::start(CONFIG);
+    let now = server.clock.now_ms();
+    let mut writer = Peer::connect(&server, "1:w:t", 0).await;
+    for _ in 0..4 {
+        writer
+            .sync(json!({"type": "counter/add", "id": 3, "delta": 2}), now)
+            .await;
+    }
+    writer.client.disconnect().await;
+    let server = server.restart().await;
+    let mut reader = Peer::connect(&server, "2:r:t", 0).await;
+    reader
+        .sync(
+            json!({"type": "logux/subscribe", "channel": "counter/3"}),
+            now + 1,
+        )
+        .await;
+    assert_eq!(counter_value(&reader.received), 8);
+}
