@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 /// A parsed Logux protocol 5 action id: `"<ms> <nodeId> <seq>"`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -129,9 +130,45 @@ pub struct Entry {
     pub action: Value,
     /// Its meta.
     pub meta: Meta,
+    /// The action's JSON text, written once and shared by every connection that sends it
+    /// (one channel action goes to every subscriber).
+    #[serde(skip)]
+    pub json: JsonCache,
+}
+
+/// A lazily computed JSON text; it never takes part in comparisons.
+#[derive(Default, Clone)]
+pub struct JsonCache(OnceLock<Arc<str>>);
+
+impl PartialEq for JsonCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for JsonCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JsonCache")
+    }
 }
 
 impl Entry {
+    /// An entry with an empty JSON cache.
+    pub fn new(action: Value, meta: Meta) -> Entry {
+        Entry {
+            action,
+            meta,
+            json: JsonCache::default(),
+        }
+    }
+
+    /// The action as JSON text, serialized on first use.
+    pub fn action_json(&self) -> &str {
+        self.json
+            .0
+            .get_or_init(|| Arc::from(self.action.to_string()))
+    }
+
     /// The action's `type`, or `""` when missing (never the case for validated actions).
     pub fn action_type(&self) -> &str {
         self.action

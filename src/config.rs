@@ -202,7 +202,7 @@ pub struct Limits {
     pub connect_catchup_max: usize,
     /// Time allowed to finish the `connect` handshake.
     pub handshake_timeout_ms: u64,
-    /// Time without incoming messages before a connection is dropped.
+    /// Time without messages in either direction before a connection is dropped.
     pub idle_timeout_ms: u64,
     /// Messages queued for one client before it is disconnected as too slow.
     pub outbox_len: usize,

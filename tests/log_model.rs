@@ -47,6 +47,7 @@ impl EntrySpec {
                 nodes: pick(&NODES, &self.nodes),
                 ..Meta::default()
             },
+            json: Default::default(),
         }
     }
 }

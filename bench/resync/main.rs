@@ -74,7 +74,10 @@ fn args() -> (Vec<u64>, u64) {
     while index < argv.len() {
         match (argv[index].as_str(), argv.get(index + 1)) {
             ("--sizes", Some(list)) => {
-                sizes = list.split(',').filter_map(|n| n.trim().parse().ok()).collect();
+                sizes = list
+                    .split(',')
+                    .filter_map(|n| n.trim().parse().ok())
+                    .collect();
                 index += 2;
             }
             ("--objects", Some(n)) => {
@@ -82,7 +85,9 @@ fn args() -> (Vec<u64>, u64) {
                 index += 2;
             }
             _ => {
-                eprintln!("usage: ferry-resync-bench [--sizes 1000,100000,1000000] [--objects 1000]");
+                eprintln!(
+                    "usage: ferry-resync-bench [--sizes 1000,100000,1000000] [--objects 1000]"
+                );
                 std::process::exit(2);
             }
         }
@@ -114,6 +119,7 @@ fn entry(mode: Mode, n: u64, objects: u64, base_ms: i64) -> Entry {
             channels,
             ..Meta::default()
         },
+        json: Default::default(),
     }
 }
 
@@ -130,14 +136,22 @@ async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {
     let mut n = 0;
     while n < size {
         let upto = (n + BUILD_BATCH_ENTRIES as u64).min(size);
-        let batch: Vec<Entry> = (n..upto).map(|k| entry(mode, k, objects, base_ms)).collect();
-        server.log.append(batch, None).await.map_err(|e| e.to_string())?;
+        let batch: Vec<Entry> = (n..upto)
+            .map(|k| entry(mode, k, objects, base_ms))
+            .collect();
+        server
+            .log
+            .append(batch, None)
+            .await
+            .map_err(|e| e.to_string())?;
         n = upto;
     }
     let removed = server.apply_retention().map_err(|e| e.to_string())?;
     let build_s = build_started.elapsed().as_secs_f64();
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(ferry::run::serve_until(listener, server.clone(), async {
@@ -149,7 +163,10 @@ async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {
         .await
         .map_err(|e| e.to_string())?;
     let connect = json!(["connect", 5, "reader:r:t", 0, {"token": "secret", "subprotocol": 1}]);
-    socket.send(Message::text(connect.to_string())).await.map_err(|e| e.to_string())?;
+    socket
+        .send(Message::text(connect.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
     loop {
         match socket.next().await {
             Some(Ok(Message::Text(text))) if text.starts_with("[\"connected\"") => break,
@@ -165,7 +182,10 @@ async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {
     let since = json!({"id": format!("{} 0:writer:t 0", base_ms - 1), "time": base_ms - 1});
     let subscribe = json!(["sync", 1, {"type": "logux/subscribe", "channel": channel, "since": since}, {"id": 1, "time": 1}]);
     let started = Instant::now();
-    socket.send(Message::text(subscribe.to_string())).await.map_err(|e| e.to_string())?;
+    socket
+        .send(Message::text(subscribe.to_string()))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut bytes = 0usize;
     let mut actions = 0usize;
     let deadline = Duration::from_secs(RESYNC_TIMEOUT_S);
@@ -204,7 +224,10 @@ async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {
 
 fn main() {
     let (sizes, objects) = args();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");

@@ -50,6 +50,7 @@ fn entry(id: &str) -> Entry {
             time: 1,
             ..Meta::default()
         },
+        json: Default::default(),
     }
 }
 

@@ -129,6 +129,7 @@ mod tests {
                 subprotocol: 1,
                 ..Meta::default()
             },
+            json: Default::default(),
         }
     }
 

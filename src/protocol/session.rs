@@ -416,6 +416,7 @@ impl Session {
                     subprotocol,
                     ..Meta::default()
                 },
+                json: Default::default(),
             },
             denied,
         })
@@ -451,7 +452,7 @@ impl Session {
         frame.push_str(&self.last_sent_added.to_string());
         for entry in entries {
             frame.push(',');
-            frame.push_str(&entry.action.to_string());
+            frame.push_str(entry.action_json());
             frame.push(',');
             let meta = codec::encode_meta(entry, self.base_time, &self.config.server_node_id);
             frame.push_str(&meta.to_string());

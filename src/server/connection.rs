@@ -143,6 +143,8 @@ struct Connection {
     catchups_open: usize,
     held: Vec<Arc<Entry>>,
     recent: RecentlySent,
+    /// Highest position sent by a catch-up or covered by a snapshot.
+    catchup_max: u64,
     /// Frames to write before the next flush.
     pending_frames: Vec<String>,
     close: bool,
@@ -171,6 +173,7 @@ where
         catchups_open: 0,
         held: Vec::new(),
         recent: RecentlySent::default(),
+        catchup_max: 0,
         pending_frames: Vec::new(),
         close: false,
     };
@@ -233,6 +236,9 @@ where
             }
         }
         if !conn.pending_frames.is_empty() {
+            // Traffic in either direction keeps a connection alive, as the Logux ping timer
+            // does: a client busy receiving a long catch-up sends no ping.
+            idle_deadline = Instant::now() + idle;
             let frames = std::mem::take(&mut conn.pending_frames);
             let mut write_failed = false;
             for frame in frames {
@@ -400,22 +406,23 @@ impl Connection {
                         self.close = true;
                     }
                 } else {
-                    self.send_entries(entries);
+                    self.send_entries(entries, false);
                 }
             }
             Outbound::CatchupPending => self.catchups_open += 1,
-            Outbound::Catchup(entries) => self.send_entries(entries),
+            Outbound::Catchup(entries) => self.send_entries(entries, true),
             Outbound::CatchupDone => {
                 self.catchups_open = self.catchups_open.saturating_sub(1);
                 if self.catchups_open == 0 && !self.held.is_empty() {
                     let mut held = std::mem::take(&mut self.held);
                     held.sort_by_key(|entry| entry.meta.added);
-                    self.send_entries(held);
+                    self.send_entries(held, false);
                 }
             }
             Outbound::Absorbed(positions) => {
                 for added in positions {
                     self.recent.insert(added);
+                    self.catchup_max = self.catchup_max.max(added);
                 }
             }
             Outbound::Synced(added) => self.pending_frames.push(Session::synced_frame(&added)),
@@ -423,11 +430,24 @@ impl Connection {
         }
     }
 
-    fn send_entries(&mut self, entries: Vec<Arc<Entry>>) {
+    /// Sends entries, dropping second copies. Only positions up to the highest one a catch-up
+    /// covered can be repeats (live deliveries come once each, in order), so only those pay
+    /// for the bookkeeping.
+    fn send_entries(&mut self, entries: Vec<Arc<Entry>>, from_catchup: bool) {
         let fresh: Vec<_> = entries
             .into_iter()
             // Unstored server actions (snapshots) have no position and are never repeats.
-            .filter(|entry| entry.meta.added == 0 || self.recent.insert(entry.meta.added))
+            .filter(|entry| {
+                let added = entry.meta.added;
+                if added == 0 {
+                    true
+                } else if from_catchup {
+                    self.catchup_max = self.catchup_max.max(added);
+                    self.recent.insert(added)
+                } else {
+                    added > self.catchup_max || self.recent.insert(added)
+                }
+            })
             .collect();
         self.server
             .metrics

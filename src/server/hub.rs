@@ -302,6 +302,7 @@ mod tests {
                 clients: clients.iter().map(|c| c.to_string()).collect(),
                 ..Meta::default()
             },
+            json: Default::default(),
         })
     }
 

@@ -120,6 +120,7 @@ impl Worker {
                 subprotocol: self.server.config.subprotocol,
                 ..Meta::default()
             },
+            json: Default::default(),
         })
     }
 

@@ -453,6 +453,7 @@ impl Worker {
                 clients: vec![self.conn.ids.client_id.clone()],
                 ..Meta::default()
             },
+            json: Default::default(),
         }
     }
 

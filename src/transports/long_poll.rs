@@ -158,6 +158,24 @@ impl Drop for RequestGuard<'_> {
 }
 
 impl Session {
+    fn new(tx: mpsc::Sender<Inbound>, stop: watch::Sender<bool>) -> Session {
+        Session {
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                first: 1,
+                ended: false,
+                close_requested: false,
+                poll_generation: 0,
+                requests_in_flight: 0,
+                last_request: Instant::now(),
+            }),
+            changed: Notify::new(),
+            wake_task: Notify::new(),
+            inbound: tokio::sync::Mutex::new(InboundSide { tx, received: 0 }),
+            stop,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -446,93 +464,18 @@ impl LongPoll {
         }
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE_FRAMES_MAX);
         let (stop, stopped) = watch::channel(false);
-        let session = Arc::new(Session {
-            state: Mutex::new(State {
-                frames: VecDeque::new(),
-                first: 1,
-                ended: false,
-                close_requested: false,
-                poll_generation: 0,
-                requests_in_flight: 0,
-                last_request: Instant::now(),
-            }),
-            changed: Notify::new(),
-            wake_task: Notify::new(),
-            inbound: tokio::sync::Mutex::new(InboundSide { tx, received: 0 }),
-            stop,
-        });
+        let session = Arc::new(Session::new(tx, stop));
         self.sessions.insert(id.clone(), session.clone());
         server.metrics.long_poll_sessions.inc();
         let registered = Registered {
             long_poll: self.clone(),
             id: id.clone(),
         };
-        let incoming = Box::pin(stream::unfold((rx, stopped), |(mut rx, mut stopped)| {
-            async move {
-                // Frames already queued are delivered before a stop ends the stream, so a
-                // client's last frames before `close` still reach the connection.
-                let item = tokio::select! {
-                    biased;
-                    item = rx.recv() => item,
-                    _ = stopped.wait_for(|stop| *stop) => None,
-                };
-                item.map(|item| (item, (rx, stopped)))
-            }
-        }));
-        let queue_frames_max = config.queue_frames_max;
-        let metrics = server.metrics.clone();
-        let outgoing = Box::pin(sink::unfold(
-            session.clone(),
-            move |session, frame: String| {
-                let result = session.push_frame(frame, queue_frames_max);
-                if result.is_err() && !session.lock().ended {
-                    tracing::warn!("long-poll client left too many frames unacknowledged, disconnecting slow consumer");
-                    metrics
-                        .rejections
-                        .with_label_values(&["long_poll_queue_full"])
-                        .inc();
-                    metrics.slow_consumers.inc();
-                }
-                async move { result.map(|()| session) }
-            },
-        ));
+        let incoming = frame_stream(rx, stopped);
+        let outgoing = frame_sink(session.clone(), config.queue_frames_max, server);
+        let connection = connection::run(server.clone(), incoming, outgoing, peer);
         let expiry = Duration::from_millis(config.session_expiry_ms);
-        let task_session = session.clone();
-        let task_server = server.clone();
-        tokio::spawn(async move {
-            let session = task_session;
-            let run = connection::run(task_server, incoming, outgoing, peer);
-            tokio::pin!(run);
-            let mut running = true;
-            loop {
-                let deadline = session.expiry_deadline(expiry);
-                tokio::select! {
-                    _ = &mut run, if running => {
-                        running = false;
-                        session.mark_ended();
-                    }
-                    _ = sleep_until(deadline) => {
-                        if session.is_expired(expiry) {
-                            tracing::debug!("long-poll session expired");
-                            break;
-                        }
-                    }
-                    _ = session.wake_task.notified() => {
-                        if session.lock().close_requested {
-                            break;
-                        }
-                    }
-                }
-            }
-            // Expired or closed by the client: end the frame stream, as a closed socket does,
-            // and let the connection unregister from the hub.
-            session.stop.send_replace(true);
-            if running {
-                run.await;
-            }
-            session.mark_ended();
-            drop(registered);
-        });
+        tokio::spawn(run_session(session, connection, expiry, registered));
         let answer = OpenAnswer {
             session: &id,
             hold_ms: config.poll_hold_ms,
@@ -749,6 +692,91 @@ impl LongPoll {
             );
         }
     }
+}
+
+/// The connection's incoming frames: what `send` requests queue, until the session stops.
+fn frame_stream(
+    rx: mpsc::Receiver<Inbound>,
+    stopped: watch::Receiver<bool>,
+) -> impl futures_util::Stream<Item = Inbound> + Unpin {
+    Box::pin(stream::unfold(
+        (rx, stopped),
+        |(mut rx, mut stopped)| async move {
+            // Frames already queued are delivered before a stop ends the stream, so a
+            // client's last frames before `close` still reach the connection.
+            let item = tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = stopped.wait_for(|stop| *stop) => None,
+            };
+            item.map(|item| (item, (rx, stopped)))
+        },
+    ))
+}
+
+/// The connection's outgoing frames: queued in the session for polls. A full queue fails the
+/// write, which closes the connection as a slow consumer.
+fn frame_sink(
+    session: Arc<Session>,
+    queue_frames_max: usize,
+    server: &Server,
+) -> impl futures_util::Sink<String, Error = &'static str> + Unpin {
+    let metrics = server.metrics.clone();
+    Box::pin(sink::unfold(session, move |session, frame: String| {
+        let result = session.push_frame(frame, queue_frames_max);
+        if result.is_err() && !session.lock().ended {
+            tracing::warn!(
+                "long-poll client left too many frames unacknowledged, disconnecting slow consumer"
+            );
+            metrics
+                .rejections
+                .with_label_values(&["long_poll_queue_full"])
+                .inc();
+            metrics.slow_consumers.inc();
+        }
+        async move { result.map(|()| session) }
+    }))
+}
+
+/// One session's task: runs the connection, and ends it like a closed socket when the session
+/// expires or the client closes it. The session stays registered after the connection ends
+/// until its last frames are collected, it expires, or the client closes it.
+async fn run_session(
+    session: Arc<Session>,
+    connection: impl std::future::Future<Output = ()>,
+    expiry: Duration,
+    registered: Registered,
+) {
+    tokio::pin!(connection);
+    let mut running = true;
+    loop {
+        let deadline = session.expiry_deadline(expiry);
+        tokio::select! {
+            _ = &mut connection, if running => {
+                running = false;
+                session.mark_ended();
+            }
+            _ = sleep_until(deadline) => {
+                if session.is_expired(expiry) {
+                    tracing::debug!("long-poll session expired");
+                    break;
+                }
+            }
+            _ = session.wake_task.notified() => {
+                if session.lock().close_requested {
+                    break;
+                }
+            }
+        }
+    }
+    // End the frame stream, as a closed socket does, and let the connection unregister from
+    // the hub.
+    session.stop.send_replace(true);
+    if running {
+        connection.await;
+    }
+    session.mark_ended();
+    drop(registered);
 }
 
 /// Keeps a session registered and counted until its task ends (also on a panic).
