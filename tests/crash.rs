@@ -5,18 +5,18 @@
 //!
 //! `FERRY_CRASH_ROUNDS` sets the number of kill rounds (default 4; the long run uses 100).
 
-use ferry::log::{CommitListener, Log, LogOptions};
+mod support;
+
+use ferry::log::{Log, LogOptions};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use support::child::{connect, Ferry, NoListener};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 const WRITERS: usize = 4;
 const IN_FLIGHT_MAX: usize = 16;
@@ -38,78 +38,6 @@ resend = ["room/{room}"]
 [limits]
 subscribe_history_max = 1000000
 "#;
-
-struct NoListener;
-impl CommitListener for NoListener {
-    fn committed(&self, _: &[Arc<ferry::action::Entry>]) {}
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("free port")
-}
-
-struct Ferry {
-    child: Child,
-    port: u16,
-}
-
-impl Ferry {
-    async fn start(dir: &Path, config: &Path) -> Ferry {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir)
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ferry");
-        let ferry = Ferry { child, port };
-        for _ in 0..200 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return ferry;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("ferry did not start listening");
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().expect("wait for ferry")
-    }
-}
-
-async fn connect(port: u16, node: &str) -> Option<(WebSocketStream<TcpStream>, i64)> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let (mut socket, _) =
-        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{port}/"), stream)
-            .await
-            .ok()?;
-    let connect = json!(["connect", 5, node, 0, {"token": "secret", "subprotocol": 1}]);
-    socket.send(Message::text(connect.to_string())).await.ok()?;
-    while let Some(Ok(message)) = socket.next().await {
-        if let Message::Text(text) = message {
-            let value: Value = serde_json::from_str(&text).ok()?;
-            if value[0] == "connected" {
-                return Some((socket, value[3][1].as_i64()?));
-            }
-        }
-    }
-    None
-}
 
 /// One writer: sends numbered actions, re-sends the unacknowledged ones after a restart,
 /// and records which were answered with `synced`.

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod child;
 pub mod net;
 
 use ferry::clock::ManualClock;
