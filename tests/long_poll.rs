@@ -351,8 +351,18 @@ async fn a_client_that_leaves_too_many_frames_unacknowledged_is_disconnected() {
     let server = start(config).await;
     let mut lp = Lp::open(&server).await;
     let connect = r#"["connect",5,"10:slow:tab",0,{"token":"t","subprotocol":1}]"#;
-    lp.send(&[connect, r#"["ping",1]"#]).await;
-    // `headers` and `connected` fill the queue; the `pong` does not fit.
+    lp.send(&[connect]).await;
+    // `headers` and `connected` fill the queue (nothing is acknowledged); the `pong` does
+    // not fit.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lp.poll_raw(0).await.json()["messages"]
+        .as_array()
+        .map(Vec::len)
+        != Some(2)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no handshake");
+    }
+    lp.send(&[r#"["ping",1]"#]).await;
     wait_until(|| rejections(&server, "long_poll_queue_full") == 1.0).await;
     let body = lp.poll_raw(0).await.json();
     assert_eq!(body["messages"].as_array().map(Vec::len), Some(2), "{body}");

@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
+/// How long a connection may take at shutdown to answer the `sync`s it already received.
+pub const SHUTDOWN_CONNECTION_DRAIN_MS: u64 = 3_000;
+
 /// `sync` messages of one client waiting for its pipeline worker.
 pub const PIPELINE_QUEUE_SYNCS_MAX: usize = 16;
 
@@ -138,6 +141,8 @@ struct Connection {
     handle: Option<Arc<ConnHandle>>,
     outbox: Option<mpsc::Receiver<Outbound>>,
     jobs: Option<mpsc::Sender<(Instant, IncomingSync)>>,
+    /// The pipeline worker, awaited at shutdown so in-flight `sync`s are answered.
+    worker: Option<tokio::task::JoinHandle<()>>,
     auth: Option<oneshot::Receiver<AuthResult>>,
     /// Open catch-ups; live entries are held while any is open.
     catchups_open: usize,
@@ -169,6 +174,7 @@ where
         handle: None,
         outbox: None,
         jobs: None,
+        worker: None,
         auth: None,
         catchups_open: 0,
         held: Vec::new(),
@@ -189,7 +195,7 @@ where
             _ = kicked(handle.as_deref()) => {
                 conn.close = true;
             }
-            _ = server.shutdown_signal.notified(), if conn.handle.is_none() => {
+            _ = server.shut_down() => {
                 conn.close = true;
             }
             result = auth_result(&mut conn.auth) => {
@@ -239,21 +245,16 @@ where
             // Traffic in either direction keeps a connection alive, as the Logux ping timer
             // does: a client busy receiving a long catch-up sends no ping.
             idle_deadline = Instant::now() + idle;
-            let frames = std::mem::take(&mut conn.pending_frames);
-            let mut write_failed = false;
-            for frame in frames {
-                if outgoing.feed(frame).await.is_err() {
-                    write_failed = true;
-                    break;
-                }
-            }
-            if write_failed || outgoing.flush().await.is_err() {
+            if !conn.write_pending(&mut outgoing).await {
                 conn.close = true;
             }
         }
         if conn.close {
             break;
         }
+    }
+    if server.is_shutting_down() {
+        conn.drain(&mut outgoing).await;
     }
     if let Err(error) = outgoing.close().await {
         tracing::debug!(%error, "closing a connection failed");
@@ -321,6 +322,52 @@ impl Connection {
         }
     }
 
+    /// Writes and flushes the pending frames; false when the peer is gone.
+    async fn write_pending<K, E>(&mut self, outgoing: &mut K) -> bool
+    where
+        K: Sink<String, Error = E> + Unpin,
+    {
+        for frame in std::mem::take(&mut self.pending_frames) {
+            if outgoing.feed(frame).await.is_err() {
+                return false;
+            }
+        }
+        outgoing.flush().await.is_ok()
+    }
+
+    /// Shutdown: reads nothing more, lets the worker finish the `sync`s it already has, and
+    /// sends their `synced` answers, within `SHUTDOWN_CONNECTION_DRAIN_MS`.
+    async fn drain<K, E>(&mut self, outgoing: &mut K)
+    where
+        K: Sink<String, Error = E> + Unpin,
+    {
+        // Without a sender the worker stops after the jobs already queued.
+        self.jobs.take();
+        let Some(mut worker) = self.worker.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_CONNECTION_DRAIN_MS);
+        let mut worker_done = false;
+        loop {
+            tokio::select! {
+                item = next_outbound(&mut self.outbox) => match item {
+                    Some(item) => self.outbound(item),
+                    None => break,
+                },
+                _ = &mut worker, if !worker_done => worker_done = true,
+                _ = sleep_until(deadline) => break,
+            }
+            if worker_done {
+                while let Some(Ok(item)) = self.outbox.as_mut().map(mpsc::Receiver::try_recv) {
+                    self.outbound(item);
+                }
+            }
+            if !self.write_pending(outgoing).await || worker_done {
+                break;
+            }
+        }
+    }
+
     fn start_auth(&mut self, request: AuthRequest) {
         let (tx, rx) = oneshot::channel();
         let server = self.server.clone();
@@ -380,7 +427,7 @@ impl Connection {
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
         let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
         let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit);
-        tokio::spawn(worker.run(jobs_rx));
+        self.worker = Some(tokio::spawn(worker.run(jobs_rx)));
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);
         self.jobs = Some(jobs_tx);

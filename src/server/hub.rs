@@ -209,13 +209,6 @@ impl Hub {
         self.subscription_count.load(Ordering::Relaxed)
     }
 
-    /// Kicks every connection (shutdown).
-    pub fn kick_all(&self) {
-        for conn in self.conns.iter() {
-            conn.kick();
-        }
-    }
-
     /// The connections one entry goes to, following Logux's `sendAction` rules: `nodes` and
     /// `clients` targets always; `users` and `channels` except the author and
     /// `exclude_clients`. Each connection at most once.

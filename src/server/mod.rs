@@ -18,7 +18,6 @@ use crate::rules::Rules;
 use hub::Hub;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
 
 /// Key of the persisted server node id in the log's settings.
 const NODE_ID_SETTING: &str = "server_node_id";
@@ -72,8 +71,8 @@ pub struct Server {
     id_state: Mutex<(i64, u64)>,
     /// Set when shutdown starts.
     shutting_down: AtomicBool,
-    /// Wakes connections when shutdown starts.
-    pub shutdown_signal: Notify,
+    /// Set to true when shutdown starts; connections and loops watch it.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -193,7 +192,7 @@ impl Server {
             session_config,
             id_state: Mutex::new(id_seed),
             shutting_down: AtomicBool::new(false),
-            shutdown_signal: Notify::new(),
+            shutdown: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -242,7 +241,7 @@ impl Server {
             while !server.is_shutting_down() {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
-                    _ = server.shutdown_signal.notified() => break,
+                    _ = server.shut_down() => break,
                 }
                 let job = server.clone();
                 match tokio::task::spawn_blocking(move || job.apply_retention()).await {
@@ -275,6 +274,13 @@ impl Server {
         metrics.render()
     }
 
+    /// Resolves once shutdown started (at once if it already has).
+    pub async fn shut_down(&self) {
+        let mut receiver = self.shutdown.subscribe();
+        // An error means the sender is gone, which only happens with the server itself.
+        let _ = receiver.wait_for(|started| *started).await;
+    }
+
     /// True once shutdown started.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
@@ -283,7 +289,6 @@ impl Server {
     /// Starts shutdown: connections close, new ones are refused.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.shutdown_signal.notify_waiters();
-        self.hub.kick_all();
+        self.shutdown.send_replace(true);
     }
 }

@@ -99,7 +99,7 @@ pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: Ser
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = server.shutdown_signal.notified() => break,
+            _ = server.shut_down() => break,
         };
         let (stream, remote) = match accepted {
             Ok(accepted) => accepted,

@@ -17,12 +17,13 @@
 //! The exact HTTP contract is in README.md ("Long-poll transport").
 
 use super::http::{self, PeerObserver};
+use crate::metrics::Metrics;
 use crate::protocol::ProtocolError;
 use crate::server::connection::{self, Inbound};
 use crate::server::Server;
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures_util::{sink, stream};
+use futures_util::stream;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
@@ -35,8 +36,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{sleep_until, Instant};
@@ -178,22 +181,6 @@ impl Session {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues a frame written by the connection; fails (closing the connection) when the
-    /// client left `queue_frames_max` frames unacknowledged.
-    fn push_frame(&self, frame: String, queue_frames_max: usize) -> Result<(), &'static str> {
-        let mut state = self.lock();
-        if state.ended {
-            return Err("long-poll session ended");
-        }
-        if state.frames.len() >= queue_frames_max {
-            return Err("long-poll queue full");
-        }
-        state.frames.push_back(frame);
-        drop(state);
-        self.changed.notify_waiters();
-        Ok(())
     }
 
     fn mark_ended(&self) {
@@ -472,7 +459,12 @@ impl LongPoll {
             id: id.clone(),
         };
         let incoming = frame_stream(rx, stopped);
-        let outgoing = frame_sink(session.clone(), config.queue_frames_max, server);
+        let outgoing = FrameSink {
+            session: session.clone(),
+            batch: Vec::new(),
+            queue_frames_max: config.queue_frames_max,
+            metrics: server.metrics.clone(),
+        };
         let connection = connection::run(server.clone(), incoming, outgoing, peer);
         let expiry = Duration::from_millis(config.session_expiry_ms);
         tokio::spawn(run_session(session, connection, expiry, registered));
@@ -714,28 +706,68 @@ fn frame_stream(
     ))
 }
 
-/// The connection's outgoing frames: queued in the session for polls. A full queue fails the
-/// write, which closes the connection as a slow consumer.
-fn frame_sink(
+/// The connection's outgoing frames: gathered while the connection writes a batch and
+/// queued in the session for polls on each flush, so that a waiting poll answers with the
+/// whole batch (`headers` with `connected`, say) instead of only its first frame. A queue that
+/// would exceed `queue_frames_max` fails the flush, which closes the connection as a slow
+/// consumer.
+struct FrameSink {
     session: Arc<Session>,
+    /// Frames written since the last flush.
+    batch: Vec<String>,
     queue_frames_max: usize,
-    server: &Server,
-) -> impl futures_util::Sink<String, Error = &'static str> + Unpin {
-    let metrics = server.metrics.clone();
-    Box::pin(sink::unfold(session, move |session, frame: String| {
-        let result = session.push_frame(frame, queue_frames_max);
-        if result.is_err() && !session.lock().ended {
+    metrics: Arc<Metrics>,
+}
+
+impl FrameSink {
+    fn publish(&mut self) -> Result<(), &'static str> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.session.lock();
+        if state.ended {
+            return Err("long-poll session ended");
+        }
+        if state.frames.len() + self.batch.len() > self.queue_frames_max {
+            drop(state);
+            // The connection closes now; its client catches up from the log after reconnecting.
+            self.batch.clear();
             tracing::warn!(
                 "long-poll client left too many frames unacknowledged, disconnecting slow consumer"
             );
-            metrics
+            self.metrics
                 .rejections
                 .with_label_values(&["long_poll_queue_full"])
                 .inc();
-            metrics.slow_consumers.inc();
+            self.metrics.slow_consumers.inc();
+            return Err("long-poll queue full");
         }
-        async move { result.map(|()| session) }
-    }))
+        state.frames.extend(self.batch.drain(..));
+        drop(state);
+        self.session.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+impl futures_util::Sink<String> for FrameSink {
+    type Error = &'static str;
+
+    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, frame: String) -> Result<(), Self::Error> {
+        self.get_mut().batch.push(frame);
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(self.get_mut().publish())
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(self.get_mut().publish())
+    }
 }
 
 /// One session's task: runs the connection, and ends it like a closed socket when the session
