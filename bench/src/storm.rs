@@ -86,6 +86,8 @@ struct Shared {
     duplicated_processed: AtomicU64,
     /// The same for a subscribe.
     duplicated_subscribe: AtomicU64,
+    /// Duplicates (of either kind) for an action this client had sent more than once.
+    duplicated_after_resend: AtomicU64,
     /// `logux/processed`/`undo` for an id this client never sent.
     unknown_processed: AtomicU64,
 }
@@ -126,6 +128,8 @@ struct Act {
     in_sync: u64,
     /// Got `synced`: it will never be re-sent.
     synced: bool,
+    /// Times sent (more than once after a connection dropped before `synced`).
+    sends: u8,
     /// Resolution.
     state: State,
 }
@@ -169,6 +173,8 @@ struct StormClient {
     round_first: usize,
     /// First connect attempt this round.
     first_attempt: Option<Instant>,
+    /// When every action of this round was answered (the subscribe may still wait).
+    actions_done_at: Option<Instant>,
     /// When this round's work was all acknowledged.
     synchronized_at: Option<Instant>,
     /// Connect attempts this round.
@@ -191,11 +197,13 @@ impl StormClient {
                 n: Some((round as u64 * n_clients + self.index as u64) * k + j),
                 in_sync: 0,
                 synced: false,
+                sends: 0,
                 state: State::Pending,
             });
         }
         self.first_attempt = None;
         self.synchronized_at = None;
+        self.actions_done_at = None;
         self.attempts = 0;
     }
 
@@ -206,19 +214,24 @@ impl StormClient {
     }
 
     fn check_synchronized(&mut self, now: Instant) {
-        if self.synchronized_at.is_some() || self.gave_up || self.unsynced_syncs > 0 {
+        if self.synchronized_at.is_some() || self.gave_up {
+            return;
+        }
+        let actions_done = || {
+            !self.acts[self.round_first..]
+                .iter()
+                .any(|a| a.n.is_some() && a.state == State::Pending)
+        };
+        if self.actions_done_at.is_none() && actions_done() {
+            self.actions_done_at = Some(now);
+        }
+        if self.actions_done_at.is_none() || self.unsynced_syncs > 0 {
             return;
         }
         let Some(sub) = self.current_sub else {
             return;
         };
         if self.acts[sub].state == State::Pending {
-            return;
-        }
-        if self.acts[self.round_first..]
-            .iter()
-            .any(|a| a.n.is_some() && a.state == State::Pending)
-        {
             return;
         }
         self.synchronized_at = Some(now);
@@ -279,6 +292,11 @@ impl StormClient {
                     &self.shared.duplicated_subscribe
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
+                if act.sends > 1 {
+                    self.shared
+                        .duplicated_after_resend
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -332,6 +350,7 @@ impl Workload for StormClient {
                         &proto::own_meta(act.ms, act.seq, self.base_time),
                     );
                     act.in_sync = added;
+                    act.sends = act.sends.saturating_add(1);
                 }
                 self.unsynced_syncs += 1;
                 return Some(Outgoing {
@@ -356,6 +375,7 @@ impl Workload for StormClient {
                 n: None,
                 in_sync: self.own_added,
                 synced: false,
+                sends: 1,
                 state: State::Pending,
             });
             self.current_sub = Some(self.acts.len() - 1);
@@ -450,6 +470,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         round_done: Notify::new(),
         duplicated_processed: AtomicU64::new(0),
         duplicated_subscribe: AtomicU64::new(0),
+        duplicated_after_resend: AtomicU64::new(0),
         unknown_processed: AtomicU64::new(0),
     });
     eprintln!(
@@ -507,6 +528,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
                 round_first: 0,
                 first_attempt: None,
                 synchronized_at: None,
+                actions_done_at: None,
                 attempts: 0,
                 gave_up: false,
             }
@@ -593,13 +615,13 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         if let Some(p) = progress {
             p.abort();
         }
-        if !timed_out {
-            common::sleep_bounded(
+        // The watch is cut short by the scenario's hard deadline (and skipped after a timeout).
+        let watch_complete = !timed_out
+            && common::sleep_bounded(
                 disconnect_start + Duration::from_millis(args.disconnect_watch_ms),
                 deadline,
             )
             .await;
-        }
         let disconnect_rss_peak = monitor.take_window_peak();
         let cpu_end = pid.and_then(|p| sys::cpu_times(&p.to_string()));
         let cpu_delta = |a: Option<sys::CpuTimes>, b: Option<sys::CpuTimes>| match (a, b) {
@@ -607,6 +629,16 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             _ => Value::Null,
         };
 
+        let mut actions_us: Vec<u64> = clients
+            .iter()
+            .filter_map(|c| {
+                Some(
+                    c.actions_done_at?
+                        .duration_since(c.first_attempt?)
+                        .as_micros() as u64,
+                )
+            })
+            .collect();
         let mut client_us: Vec<u64> = clients
             .iter()
             .filter_map(|c| {
@@ -640,9 +672,11 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             "synchronized": synchronized,
             "gave_up": clients.iter().filter(|c| c.gave_up).count(),
             "client_ms": stats::summary_ms(&mut client_us, stats::P50_P90_P99),
+            "client_actions_ms": stats::summary_ms(&mut actions_us, stats::P50_P90_P99),
             "connect_attempts": attempts,
             "reconnects": reconnects,
             "disconnect_ms": sys::round3(disconnect_elapsed.as_secs_f64() * 1000.0),
+            "disconnect_watch_complete": watch_complete,
             "server_peak_rss_bytes": {"storm": storm_rss_peak, "disconnect": disconnect_rss_peak},
             "server_cpu_s": {
                 "storm": cpu_delta(cpu_storm_start, cpu_disconnect_start),
@@ -676,8 +710,12 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
     // Action accounting over every round.
     let (mut synced, mut processed, mut undone, mut lost, mut unsynced) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut resent = 0u64;
     for c in &clients {
         for a in c.acts.iter().filter(|a| a.n.is_some()) {
+            if a.sends > 1 {
+                resent += 1;
+            }
             match a.state {
                 State::Processed => processed += 1,
                 State::Undone => undone += 1,
@@ -729,6 +767,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             "undone": undone,
             "lost": lost,
             "unsynced": unsynced,
+            "resent": resent,
         },
         "lost": lost,
         "duplicated": {
@@ -736,6 +775,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             "processed": dup_processed,
             "subscribe_processed": dup_subscribe,
             "checker": dup_checker,
+            "of_resent_actions": shared.duplicated_after_resend.load(Ordering::Relaxed),
         },
         "unknown_processed": shared.unknown_processed.load(Ordering::Relaxed),
         "deliveries_received": shared.deliveries.load(Ordering::Relaxed),
