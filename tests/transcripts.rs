@@ -13,7 +13,8 @@
 //! - `restart`: the server restarts on the same data directory.
 //! - `config production`: (first line only) production mode.
 //!
-//! Set `UPDATE_TRANSCRIPTS=1` to print the actual frames instead of failing (for review).
+//! Set `UPDATE_TRANSCRIPTS=1` to rewrite the `S<` lines with the frames the server actually
+//! sent instead of failing; review the diff before committing it.
 
 mod support;
 
@@ -34,7 +35,10 @@ async fn check(path: &Path) {
     };
     let mut server = TestServer::start(&config);
     let mut clients: HashMap<String, TestClient> = HashMap::new();
+    let update = std::env::var_os("UPDATE_TRANSCRIPTS").is_some();
+    let mut rewritten = Vec::new();
     for (number, raw) in text.lines().enumerate() {
+        rewritten.push(raw.to_owned());
         let line = raw.trim();
         let at = format!("{}:{}", path.display(), number + 1);
         if line.is_empty() || line.starts_with('#') || line.starts_with("config ") {
@@ -70,6 +74,13 @@ async fn check(path: &Path) {
             let actual_value = actual
                 .as_deref()
                 .map(|frame| serde_json::from_str::<Value>(frame).expect("server sent JSON"));
+            if update {
+                if let (Some(last), Some(frame)) = (rewritten.last_mut(), &actual) {
+                    let prefix = &raw[..raw.find("S<").unwrap_or(0) + 2];
+                    *last = format!("{prefix} {frame}");
+                }
+                continue;
+            }
             assert_eq!(
                 actual_value.as_ref(),
                 Some(&expected),
@@ -96,6 +107,9 @@ async fn check(path: &Path) {
         } else {
             panic!("{at}: unknown directive {line:?}");
         }
+    }
+    if update {
+        std::fs::write(path, rewritten.join("\n") + "\n").expect("rewrite transcript");
     }
 }
 

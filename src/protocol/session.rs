@@ -179,8 +179,12 @@ impl Session {
     }
 
     /// Ends the session with a protocol error (also used by transports for oversized or
-    /// non-UTF-8 frames).
+    /// non-UTF-8 frames). A session that is already closed answers nothing: a `Close` is the
+    /// last output of a session.
     pub fn fail(&mut self, error: ProtocolError) -> Vec<Output> {
+        if self.state == State::Closed {
+            return Vec::new();
+        }
         self.state = State::Closed;
         vec![Output::Error(error), Output::Close]
     }
@@ -317,8 +321,13 @@ impl Session {
         outputs
     }
 
-    /// Authentication failed: `wrong-credentials`, then close.
+    /// Authentication failed: `wrong-credentials`, then close. Like `authenticated`, it
+    /// answers nothing unless an authentication is running (a session closed meanwhile, for
+    /// example by a bad frame, stays closed without a second error).
     pub fn auth_failed(&mut self) -> Vec<Output> {
+        if self.state != State::Authenticating {
+            return Vec::new();
+        }
         self.fail(ProtocolError::WrongCredentials)
     }
 
@@ -459,5 +468,76 @@ impl Session {
         }
         frame.push(']');
         Some(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONNECT: &str = r#"["connect",5,"10:abc:tab",0,{"token":"t","subprotocol":1}]"#;
+
+    fn session() -> Session {
+        Session::new(Arc::new(SessionConfig {
+            server_node_id: "server:test".to_owned(),
+            development: false,
+            subprotocol: 1,
+            min_subprotocol: 0,
+            sync_pairs_max: 10,
+        }))
+    }
+
+    fn is_authenticate(outputs: &[Output]) -> bool {
+        matches!(outputs, [Output::Authenticate(_)])
+    }
+
+    // Found by the `session` fuzz target: a bad frame while authentication runs closes the
+    // session, and the authentication answer that arrives later produced a second
+    // `wrong-credentials` and `Close`.
+    #[test]
+    fn a_failed_authentication_after_the_session_closed_answers_nothing() {
+        let mut session = session();
+        assert!(is_authenticate(&session.receive(CONNECT, 1)));
+        assert_eq!(session.receive("oops", 2).len(), 2);
+        assert!(session.is_closed());
+        assert_eq!(session.auth_failed(), Vec::new());
+        assert_eq!(session.authenticated(3), Vec::new());
+    }
+
+    #[test]
+    fn a_closed_session_answers_nothing_to_a_transport_failure() {
+        let mut session = session();
+        assert_eq!(session.receive("oops", 1).len(), 2);
+        let again = session.fail(ProtocolError::wrong_format("frame of 9 bytes"));
+        assert_eq!(again, Vec::new());
+        assert!(session.is_closed());
+    }
+
+    #[test]
+    fn auth_failed_without_a_running_authentication_is_ignored() {
+        let mut session = session();
+        assert_eq!(session.auth_failed(), Vec::new());
+        assert!(!session.is_closed());
+        assert!(is_authenticate(&session.receive(CONNECT, 1)));
+        assert_eq!(
+            session.auth_failed(),
+            vec![
+                Output::Error(ProtocolError::WrongCredentials),
+                Output::Close
+            ]
+        );
+    }
+
+    #[test]
+    fn an_authenticated_session_is_not_failed_by_a_late_auth_answer() {
+        let mut session = session();
+        assert!(is_authenticate(&session.receive(CONNECT, 1)));
+        assert_eq!(session.authenticated(2).len(), 1);
+        assert_eq!(session.auth_failed(), Vec::new());
+        assert!(session.remote().is_some());
+        assert_eq!(
+            session.receive(r#"["ping",0]"#, 3),
+            vec![Output::Frame(r#"["pong",0]"#.to_owned())]
+        );
     }
 }

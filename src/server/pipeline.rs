@@ -18,6 +18,7 @@ use crate::log::{AppendOutcome, DurableHook, LogError};
 use crate::protocol::{IncomingEntry, IncomingSync};
 use crate::rules::{ActionDecision, SubscribeDecision, SyncMapChannel, SyncMapOp};
 use serde_json::{json, Map, Value};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -148,7 +149,20 @@ impl Worker {
     async fn process(&self, received: Instant, sync: IncomingSync) -> Result<(), PipelineError> {
         let mut batch = Vec::new();
         let mut debug = Vec::new();
+        let mut ids = HashSet::with_capacity(sync.entries.len());
         for incoming in sync.entries {
+            // A re-sent action (its `synced` was lost) is acknowledged again but not judged
+            // again: its stored `logux/processed` or `logux/undo` reaches the client through
+            // the connect catch-up or already went out on this connection.
+            let id = &incoming.entry.meta.id;
+            if !ids.insert(id.clone()) || self.server.log.added_of(id)?.is_some() {
+                self.server
+                    .metrics
+                    .actions_received
+                    .with_label_values(&["duplicate"])
+                    .inc();
+                continue;
+            }
             self.judge(incoming, &mut batch, &mut debug).await?;
             if batch.len() >= APPEND_CHUNK_ENTRIES_MAX {
                 self.server
@@ -462,7 +476,10 @@ impl Worker {
         self.reply(action)
     }
 
+    /// Stores `original` (without routing, so a re-send is recognised) and its
+    /// `logux/processed`.
     fn processed(&self, original: &Entry, batch: &mut Vec<Entry>) {
+        batch.push(Entry::new(original.action.clone(), original.meta.clone()));
         batch.push(self.processed_for(original));
     }
 
@@ -480,6 +497,11 @@ impl Worker {
             )) {
                 debug.push(frame);
             }
+        }
+        // The original is stored (unrouted) so that a re-send is recognised, but only under
+        // this client's own id: storing another client's id would let anyone squat on ids.
+        if original.author_client_id() == self.conn.ids.client_id {
+            batch.push(Entry::new(original.action.clone(), original.meta.clone()));
         }
         let mut action = Map::new();
         action.insert("action".into(), original.action.clone());

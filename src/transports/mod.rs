@@ -5,4 +5,5 @@
 
 pub mod http;
 pub mod long_poll;
+pub mod tls;
 pub mod ws;
