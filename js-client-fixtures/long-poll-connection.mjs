@@ -346,7 +346,7 @@ export class LongPollConnection {
    * One HTTP request; resolves with {status, retryAfter, json} once the whole
    * body is read, so that a response cut in the middle counts as lost.
    */
-  async request(signal, method, path, body, timeoutMs) {
+  async request(signal, method, path, body, timeoutMs, { keepalive = false } = {}) {
     let controller = new AbortController()
     let abort = () => controller.abort()
     signal?.addEventListener('abort', abort)
@@ -361,6 +361,7 @@ export class LongPollConnection {
         headers,
         credentials: this.credentials,
         cache: 'no-store',
+        keepalive,
         signal: controller.signal
       })
       let text = await response.text()
@@ -391,6 +392,9 @@ export class LongPollConnection {
   }
 
   closeSession(id) {
-    this.request(null, 'POST', `/${id}/close`, undefined, this.options.requestTimeoutMs).catch(() => {})
+    // keepalive lets the close go out even while a browser page unloads.
+    this.request(null, 'POST', `/${id}/close`, undefined, this.options.requestTimeoutMs, {
+      keepalive: true
+    }).catch(() => {})
   }
 }

@@ -1,10 +1,14 @@
 #!/usr/bin/env node
-// Room fan-out load generator: N raw protocol-5 WebSocket clients join one
-// room; each sends M `room/message` actions as fast as it can (pipelined, one
-// `sync` per action). Every other client must receive every action.
+// Room fan-out load generator: N raw protocol-5 clients join one room; each
+// sends M `room/message` actions as fast as it can (pipelined, one `sync` per
+// action). Every other client must receive every action.
 //
 //   node load/room-load.mjs --url ws://127.0.0.1:31337/ [--clients 50] [--actions 200]
 //   node load/room-load.mjs --spawn            # starts the server with lib/server.mjs
+//   node load/room-load.mjs --spawn --transport long-poll
+//
+// Over long-poll the same raw frames travel through LongPollConnection
+// (js-client-fixtures/), Ferry's HTTP long-poll transport.
 //
 // Prints one JSON summary on stdout. Exits 1 if any action was not synced,
 // processed or delivered before --timeout, or if any was undone or duplicated.
@@ -15,6 +19,8 @@ import { parseArgs } from 'node:util'
 
 import WebSocket from 'ws'
 
+import { LongPollConnection } from '../../js-client-fixtures/long-poll-connection.mjs'
+
 const MAX_CLIENTS = 2000
 const MAX_ACTIONS_PER_CLIENT = 100_000
 const MAX_DELIVERIES = 50_000_000
@@ -23,6 +29,7 @@ const CONNECT_CONCURRENCY = 100
 const HANDSHAKE_TIMEOUT_MS = 30_000
 
 const USAGE = `usage: node load/room-load.mjs (--url ws://127.0.0.1:<port>/ | --spawn) [options]
+  --transport T   ws (default) or long-poll (then --url is http://127.0.0.1:<port>)
   --clients N     clients in the room (default 50, at most ${MAX_CLIENTS})
   --actions M     actions each client sends (default 200, at most ${MAX_ACTIONS_PER_CLIENT})
   --timeout S     seconds to wait for every ack and delivery (default 120, at most ${MAX_TIMEOUT_S})
@@ -43,6 +50,7 @@ try {
   args = parseArgs({
     options: {
       url: { type: 'string' },
+      transport: { type: 'string', default: 'ws' },
       spawn: { type: 'boolean', default: false },
       clients: { type: 'string', default: '50' },
       actions: { type: 'string', default: '200' },
@@ -73,6 +81,8 @@ if (!Number.isInteger(M) || M < 1 || M > MAX_ACTIONS_PER_CLIENT) {
 if (N * (N - 1) * M > MAX_DELIVERIES) fail(`N*(N-1)*M must be at most ${MAX_DELIVERIES}`)
 if (!(TIMEOUT_MS > 0) || TIMEOUT_MS > MAX_TIMEOUT_S * 1000) fail(`--timeout must be 1..${MAX_TIMEOUT_S}`)
 if (!args.url === !args.spawn) fail('give exactly one of --url and --spawn')
+const LONG_POLL = args.transport === 'long-poll'
+if (!LONG_POLL && args.transport !== 'ws') fail('--transport must be ws or long-poll')
 
 function isLoopback(host) {
   let h = host.replace(/^\[|\]$/g, '')
@@ -88,7 +98,7 @@ let url = args.url
 if (args.spawn) {
   let { startServer } = await import('../lib/server.mjs')
   server = await startServer()
-  url = `ws://127.0.0.1:${server.port}/`
+  url = LONG_POLL ? `http://127.0.0.1:${server.port}` : `ws://127.0.0.1:${server.port}/`
   verbose('server started:', server.command)
 }
 {
@@ -98,7 +108,8 @@ if (args.spawn) {
   } catch {
     fail(`bad --url ${url}`)
   }
-  if (!/^wss?:$/.test(parsed.protocol)) fail('--url must be ws:// or wss://')
+  if (LONG_POLL && !/^https?:$/.test(parsed.protocol)) fail('--url must be http:// or https:// for long-poll')
+  if (!LONG_POLL && !/^wss?:$/.test(parsed.protocol)) fail('--url must be ws:// or wss://')
   if (!isLoopback(parsed.hostname)) fail(`refusing non-loopback address ${parsed.hostname}`)
 }
 
@@ -146,6 +157,35 @@ class LoadClient {
   }
 
   open() {
+    return LONG_POLL ? this.openLongPoll() : this.openWs()
+  }
+
+  openLongPoll() {
+    return new Promise((resolve, reject) => {
+      let timer = setTimeout(() => reject(new Error(`${this.nodeId}: no connected in time`)), HANDSHAKE_TIMEOUT_MS)
+      this.conn = new LongPollConnection(url)
+      this.conn.on('message', msg => this.onParsed(msg))
+      this.conn.on('error', e => errors.push(`${this.nodeId}: ${e.message}`))
+      this.conn.on('disconnect', () => {
+        if (!this.closing) {
+          unexpectedCloses += 1
+          errors.push(`${this.nodeId}: session closed in phase ${phase}`)
+          reject(new Error(`${this.nodeId}: closed`))
+        }
+      })
+      this.onConnected = () => {
+        clearTimeout(timer)
+        resolve()
+      }
+      this.conn.connect().then(() => {
+        if (this.conn.connected) {
+          this.send(['connect', 5, this.nodeId, 0, { token: args.token, subprotocol: SUBPROTOCOL }])
+        }
+      })
+    })
+  }
+
+  openWs() {
     return new Promise((resolve, reject) => {
       let timer = setTimeout(() => reject(new Error(`${this.nodeId}: no connected in time`)), HANDSHAKE_TIMEOUT_MS)
       this.ws = new WebSocket(url, { perMessageDeflate: false })
@@ -183,7 +223,8 @@ class LoadClient {
   }
 
   send(msg) {
-    this.ws.send(JSON.stringify(msg))
+    if (LONG_POLL) this.conn.send(msg)
+    else this.ws.send(JSON.stringify(msg))
   }
 
   /** Sends all M actions at once; action k has relative id k+2 (1 is the subscribe). */
@@ -221,6 +262,10 @@ class LoadClient {
       errors.push(`${this.nodeId}: non-JSON frame ${text.slice(0, 100)}`)
       return
     }
+    this.onParsed(msg)
+  }
+
+  onParsed(msg) {
     switch (msg[0]) {
       case 'connected':
         this.baseTime = msg[3][1]
@@ -274,7 +319,8 @@ class LoadClient {
   close() {
     this.closing = true
     try {
-      this.ws.close()
+      if (LONG_POLL) this.conn.disconnect('destroy')
+      else this.ws.close()
     } catch {}
   }
 }
@@ -292,7 +338,7 @@ function percentile(sorted, p) {
 }
 
 let clients = Array.from({ length: N }, (_, i) => new LoadClient(i))
-let summary = { url, room, clients: N, actionsPerClient: M }
+let summary = { transport: LONG_POLL ? 'long-poll' : 'ws', url, room, clients: N, actionsPerClient: M }
 let exitCode = 0
 let hardTimer
 try {
@@ -376,7 +422,7 @@ try {
   summary.errors = errors.slice(0, 10)
   exitCode = 1
 } finally {
-  for (let c of clients) if (c.ws) c.close()
+  for (let c of clients) if (c.ws || c.conn) c.close()
   if (server) {
     if (exitCode !== 0) console.error(server.tail())
     await server.stop()
