@@ -211,6 +211,7 @@ fn open(dir: &Path, listener: &Arc<Committed>) -> Log {
     let options = LogOptions {
         group_commit_entries_max: 4,
         writer_queue_len: 8,
+        ..LogOptions::default()
     };
     Log::open(dir, options, listener.clone()).expect("log opens")
 }

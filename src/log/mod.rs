@@ -56,6 +56,9 @@ pub enum LogError {
     Closed,
 }
 
+/// Default size of sled's page cache.
+pub const CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+
 /// What happened to one entry of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppendOutcome {
@@ -111,6 +114,8 @@ pub struct LogOptions {
     pub group_commit_entries_max: usize,
     /// Capacity of the writer's request queue.
     pub writer_queue_len: usize,
+    /// Bytes of sled's page cache (sled's own default is 1 GiB, too much for small hosts).
+    pub cache_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -118,6 +123,7 @@ impl Default for LogOptions {
         LogOptions {
             group_commit_entries_max: 10_000,
             writer_queue_len: 4_096,
+            cache_bytes: CACHE_BYTES_DEFAULT,
         }
     }
 }
@@ -242,7 +248,7 @@ impl Log {
             tracing::error!(%error, "the log must be opened inside a tokio runtime");
             LogError::Closed
         })?;
-        let db = open_db(dir)?;
+        let db = open_db(dir, options.cache_bytes)?;
         let last_added = {
             let key = last_added_key();
             match db.get(&key)? {
@@ -531,10 +537,16 @@ impl Log {
 }
 
 /// Opens the sled database, waiting a little for a lock that a closed log may still hold.
-fn open_db(dir: &Path) -> Result<sled::Db, LogError> {
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, LogError> {
     let deadline = Instant::now() + Duration::from_millis(OPEN_LOCK_WAIT_MS);
     loop {
-        match sled::Config::new().path(dir).open() {
+        // Every group commit flushes explicitly, so sled's periodic flusher only adds work.
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None);
+        match config.open() {
             // sled 0.34 reports a held lock only through this message, with kind `Other`.
             Err(sled::Error::Io(error))
                 if error.to_string().contains("could not acquire lock")

@@ -524,6 +524,7 @@ async fn group_commit_respects_the_entry_limit() {
     let options = LogOptions {
         group_commit_entries_max: 3,
         writer_queue_len: 64,
+        ..LogOptions::default()
     };
     let (log, recorder) = open_with(dir.path(), options);
     let mut tasks = Vec::new();

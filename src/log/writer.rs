@@ -33,6 +33,93 @@ struct Staged {
     reply: Reply,
 }
 
+/// Groups applied to sled and waiting for the flush that makes them durable.
+const FLUSH_QUEUE_GROUPS_MAX: usize = 4;
+
+/// One applied group on its way to the flusher.
+struct Applied {
+    staged: Vec<Staged>,
+    stored: Vec<Arc<Entry>>,
+    last_added: u64,
+    started: std::time::Instant,
+}
+
+/// Flushes applied groups, then answers them in order: head, hooks, listener, replies.
+struct Flusher {
+    shared: Arc<Shared>,
+    listener: Arc<dyn CommitListener>,
+    receiver: mpsc::Receiver<Applied>,
+}
+
+impl Flusher {
+    async fn run(mut self) {
+        while let Some(first) = self.receiver.recv().await {
+            let mut groups = vec![first];
+            while let Ok(more) = self.receiver.try_recv() {
+                groups.push(more);
+            }
+            let failure = if let Some(reason) = self.shared.poison_reason() {
+                Some(reason)
+            } else if groups.iter().any(|group| !group.stored.is_empty()) {
+                // One flush makes every group applied so far durable.
+                match super::flush(&self.shared.db).await {
+                    Ok(()) => None,
+                    Err(error) => {
+                        let reason = error.to_string();
+                        tracing::error!(error = %reason, "log flush failed; the log refuses further writes");
+                        self.shared.poison(&reason);
+                        self.listener.write_failed(&reason);
+                        Some(reason)
+                    }
+                }
+            } else {
+                None
+            };
+            for group in groups {
+                match &failure {
+                    Some(reason) => {
+                        for request in group.staged {
+                            let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
+                        }
+                    }
+                    None => self.answer(group),
+                }
+            }
+        }
+    }
+
+    /// The group is durable: move the head, then hooks, the listener and the replies.
+    fn answer(&self, group: Applied) {
+        let Applied {
+            mut staged,
+            stored,
+            last_added,
+            started,
+        } = group;
+        if !stored.is_empty() {
+            self.listener.flushed(stored.len(), started.elapsed());
+            self.shared.head.fetch_max(last_added, Ordering::AcqRel);
+            self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+        }
+        for request in &mut staged {
+            if let (Ok(outcomes), Some(hook)) = (&request.result, request.hook.take()) {
+                if catch_unwind(AssertUnwindSafe(|| hook(outcomes))).is_err() {
+                    tracing::error!("a durable hook of the log panicked");
+                }
+            }
+        }
+        if !stored.is_empty() {
+            let listener = &self.listener;
+            if catch_unwind(AssertUnwindSafe(|| listener.committed(&stored))).is_err() {
+                tracing::error!("the commit listener of the log panicked");
+            }
+        }
+        for request in staged {
+            let _ = request.reply.send(request.result);
+        }
+    }
+}
+
 /// State of the writer task.
 pub(super) struct Writer {
     /// The storage shared with the readers.
@@ -52,10 +139,20 @@ pub(super) struct Writer {
 impl Writer {
     /// Serves the queue until every sender is gone, then reports through `stopped`.
     pub(super) async fn run(mut self, stopped: watch::Sender<bool>) {
+        let (to_flusher, from_writer) = mpsc::channel(FLUSH_QUEUE_GROUPS_MAX);
+        let flusher = Flusher {
+            shared: Arc::clone(&self.shared),
+            listener: Arc::clone(&self.listener),
+            receiver: from_writer,
+        };
+        let flushing = tokio::spawn(flusher.run());
         while let Some(first) = self.receiver.recv().await {
             let group = self.gather(first);
-            self.commit(group).await;
+            self.commit(group, &to_flusher).await;
         }
+        drop(to_flusher);
+        // The flusher answers everything already applied before the writer reports a stop.
+        let _ = flushing.await;
         // The storage must be released before `close` returns, so that the directory can be
         // opened again right away: sled holds a file lock while any handle is alive.
         drop(self);
@@ -79,8 +176,10 @@ impl Writer {
         group
     }
 
-    /// Writes one group: one batch, one flush, then the hooks, the listener and the replies.
-    async fn commit(&mut self, group: Vec<Request>) {
+    /// Stages and applies one group, then hands it to the flusher, so that the next group is
+    /// prepared while this one is being flushed (the CPU work of a group overlaps the disk
+    /// work of the previous one).
+    async fn commit(&mut self, group: Vec<Request>, flusher: &mpsc::Sender<Applied>) {
         if let Some(reason) = self.shared.poison_reason() {
             for request in group {
                 // A caller that stopped waiting does not need the answer.
@@ -109,52 +208,33 @@ impl Writer {
             });
         }
 
+        let started = std::time::Instant::now();
+        let last_added = self.next_added.saturating_sub(1);
         if !stored.is_empty() {
-            let last_added = self.next_added.saturating_sub(1);
             batch.insert(last_added_key(), &last_added.to_be_bytes());
-            let started = std::time::Instant::now();
-            if let Err(reason) = self.write(batch).await {
+            if let Err(error) = self.shared.db.apply_batch(batch) {
+                let reason = error.to_string();
+                tracing::error!(error = %reason, "log write failed; the log refuses further writes");
+                self.shared.poison(&reason);
                 self.listener.write_failed(&reason);
                 for request in staged {
                     let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
                 }
                 return;
             }
-            self.listener.flushed(stored.len(), started.elapsed());
-            self.shared.head.fetch_max(last_added, Ordering::AcqRel);
-            self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
         }
-
-        for request in &mut staged {
-            if let (Ok(outcomes), Some(hook)) = (&request.result, request.hook.take()) {
-                if catch_unwind(AssertUnwindSafe(|| hook(outcomes))).is_err() {
-                    tracing::error!("a durable hook of the log panicked");
-                }
-            }
-        }
-        if !stored.is_empty() {
-            let listener = &self.listener;
-            if catch_unwind(AssertUnwindSafe(|| listener.committed(&stored))).is_err() {
-                tracing::error!("the commit listener of the log panicked");
-            }
-        }
-        for request in staged {
-            let _ = request.reply.send(request.result);
-        }
-    }
-
-    /// Applies the batch and flushes it; on failure poisons the log and returns the reason.
-    async fn write(&self, batch: sled::Batch) -> Result<(), String> {
-        let result = match self.shared.db.apply_batch(batch) {
-            Ok(()) => super::flush(&self.shared.db).await,
-            Err(error) => Err(error),
+        let applied = Applied {
+            staged,
+            stored,
+            last_added,
+            started,
         };
-        result.map_err(|error| {
-            let reason = error.to_string();
-            tracing::error!(error = %reason, "log write failed; the log refuses further writes");
-            self.shared.poison(&reason);
-            reason
-        })
+        if let Err(mpsc::error::SendError(applied)) = flusher.send(applied).await {
+            // The flusher only stops after the writer; answer rather than leave callers hanging.
+            for request in applied.staged {
+                let _ = request.reply.send(Err(LogError::Closed));
+            }
+        }
     }
 
     /// Turns one request's entries into records of `batch`.

@@ -46,6 +46,15 @@ impl ProtocolError {
         ProtocolError::WrongFormat(text[..end].to_owned())
     }
 
+    /// An `unknown-message` error naming `name`, cut like a `wrong-format` echo, so that a
+    /// huge message name is not sent back whole.
+    pub fn unknown_message(name: &str) -> ProtocolError {
+        match ProtocolError::wrong_format(name) {
+            ProtocolError::WrongFormat(cut) => ProtocolError::UnknownMessage(cut),
+            other => other,
+        }
+    }
+
     /// The wire frame for this error, exactly as `@logux/server` 0.14 sends it.
     pub fn to_frame(&self) -> String {
         let message = match self {

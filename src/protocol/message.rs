@@ -62,12 +62,24 @@ impl Message {
 
 /// Parses and validates one text frame.
 pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
-    let value: Value =
-        serde_json::from_str(frame).map_err(|_| ProtocolError::wrong_format(frame))?;
-    let Value::Array(items) = value else {
-        return Err(ProtocolError::wrong_format(&value.to_string()));
+    parse_limited(frame, usize::MAX)
+}
+
+/// Parses and validates one text frame; a `sync` with more than `sync_pairs_max` pairs is
+/// refused while it is read, so it costs the memory of `sync_pairs_max` pairs, not of the
+/// whole frame (the rest is only counted, for the error).
+pub fn parse_limited(frame: &str, sync_pairs_max: usize) -> Result<Message, ProtocolError> {
+    let items = match read_items(frame, sync_pairs_max) {
+        Ok(Items::Values(items)) => items,
+        Ok(Items::TooManyPairs(pairs)) => {
+            return Err(ProtocolError::wrong_format(&format!(
+                "sync with {pairs} actions is over the limit of {sync_pairs_max}"
+            )))
+        }
+        Ok(Items::NotArray(value)) => return Err(ProtocolError::wrong_format(&echo(&value))),
+        Err(_) => return Err(ProtocolError::wrong_format(frame)),
     };
-    let wrong_format = || ProtocolError::wrong_format(&Value::Array(items.clone()).to_string());
+    let wrong_format = || ProtocolError::wrong_format(&echo_items(&items));
     let Some(Value::String(kind)) = items.first() else {
         return Err(wrong_format());
     };
@@ -94,10 +106,11 @@ pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
             }
         }
         "connected" => {
+            let ids_ok = number(items.get(1)).is_some() && string(items.get(2)).is_some();
             let times_ok = matches!(items.get(3), Some(Value::Array(pair))
                 if pair.len() == 2 && pair.iter().all(Value::is_number));
             let options_ok = len == 4 || matches!(items.get(4), Some(Value::Object(_)));
-            if !(len == 4 || len == 5) || !times_ok || !options_ok {
+            if !(len == 4 || len == 5) || !ids_ok || !times_ok || !options_ok {
                 return Err(wrong_format());
             }
             Message::Connected
@@ -154,9 +167,125 @@ pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
             (2, Some(Value::String(line))) => Message::Duilian(line.clone()),
             _ => return Err(wrong_format()),
         },
-        other => return Err(ProtocolError::UnknownMessage(other.to_owned())),
+        other => return Err(ProtocolError::unknown_message(other)),
     };
     Ok(message)
+}
+
+/// The items of a frame, as far as they are kept.
+enum Items {
+    /// A JSON array.
+    Values(Vec<Value>),
+    /// A `sync` with this many pairs, over the limit: its items were not kept.
+    TooManyPairs(usize),
+    /// JSON that is not an array.
+    NotArray(Value),
+}
+
+/// Reads a frame's JSON. An array is read item by item, so that a `sync` over the pair
+/// limit is not built whole.
+fn read_items(frame: &str, sync_pairs_max: usize) -> Result<Items, serde_json::Error> {
+    if !frame
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('[')
+    {
+        return serde_json::from_str(frame).map(Items::NotArray);
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(frame);
+    let items = serde::Deserializer::deserialize_seq(
+        &mut deserializer,
+        ItemsVisitor {
+            sync_items_max: sync_pairs_max.saturating_mul(2).saturating_add(2),
+        },
+    )?;
+    deserializer.end()?;
+    Ok(items)
+}
+
+struct ItemsVisitor {
+    /// `"sync"`, `added` and the pairs.
+    sync_items_max: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for ItemsVisitor {
+    type Value = Items;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a protocol message")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+        let mut items = Vec::new();
+        let Some(first) = seq.next_element::<Value>()? else {
+            return Ok(Items::Values(items));
+        };
+        let items_max = if first.as_str() == Some("sync") {
+            self.sync_items_max
+        } else {
+            usize::MAX
+        };
+        items.push(first);
+        while items.len() < items_max {
+            match seq.next_element::<Value>()? {
+                Some(item) => items.push(item),
+                None => return Ok(Items::Values(items)),
+            }
+        }
+        if seq.next_element::<serde::de::IgnoredAny>()?.is_none() {
+            return Ok(Items::Values(items));
+        }
+        let mut count = items.len() + 1;
+        drop(items);
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            count += 1;
+        }
+        Ok(Items::TooManyPairs(count.saturating_sub(2) / 2))
+    }
+}
+
+/// A value's JSON for a `wrong-format` echo, written only as far as the echo is kept.
+fn echo(value: &Value) -> String {
+    let mut out = EchoWriter(Vec::new());
+    // The writer refuses bytes beyond the echo limit: the error only means "cut".
+    let _ = serde_json::to_writer(&mut out, value);
+    String::from_utf8_lossy(&out.0).into_owned()
+}
+
+/// `echo` of the array of `items`, without copying them into one value.
+fn echo_items(items: &[Value]) -> String {
+    let mut out = EchoWriter(Vec::new());
+    let _ = (|| -> std::io::Result<()> {
+        std::io::Write::write_all(&mut out, b"[")?;
+        for (index, item) in items.iter().enumerate() {
+            if index > 0 {
+                std::io::Write::write_all(&mut out, b",")?;
+            }
+            serde_json::to_writer(&mut out, item)?;
+        }
+        std::io::Write::write_all(&mut out, b"]")
+    })();
+    String::from_utf8_lossy(&out.0).into_owned()
+}
+
+/// Keeps the first `WRONG_FORMAT_ECHO_BYTES_MAX` bytes (plus up to 3, so a character cut
+/// by the limit stays whole for `ProtocolError::wrong_format` to cut cleanly) and then
+/// refuses more.
+struct EchoWriter(Vec<u8>);
+
+impl std::io::Write for EchoWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let room = (super::error::WRONG_FORMAT_ECHO_BYTES_MAX + 3).saturating_sub(self.0.len());
+        if room == 0 {
+            return Err(std::io::Error::other("echo is long enough"));
+        }
+        let taken = bytes.len().min(room);
+        self.0.extend_from_slice(&bytes[..taken]);
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A wire `meta.id`: a number, `[number, number]`, or `[number, string, number]`.
@@ -188,6 +317,7 @@ fn string(value: Option<&Value>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::error::WRONG_FORMAT_ECHO_BYTES_MAX;
     use super::*;
 
     fn error_of(frame: &str) -> String {
@@ -215,6 +345,16 @@ mod tests {
         assert_eq!(
             error_of(r#"["foo",1]"#),
             r#"["error","unknown-message","foo"]"#
+        );
+    }
+
+    #[test]
+    fn a_huge_unknown_message_name_is_echoed_cut() {
+        let name = "x".repeat(100_000);
+        let error = error_of(&format!(r#"["{name}",1]"#));
+        assert_eq!(
+            error,
+            format!(r#"["error","unknown-message","{}"]"#, &name[..1024])
         );
     }
 
@@ -267,6 +407,77 @@ mod tests {
     fn deep_nesting_is_wrong_format_without_overflowing_the_stack() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(error_of(&deep).contains("wrong-format"));
+    }
+
+    // Found by tests/catalogue.rs: `@logux/core` also requires a number and a string before
+    // the times of `connected`; these were accepted (and ignored).
+    #[test]
+    fn connected_needs_a_numeric_protocol_and_a_string_node_id() {
+        for frame in [
+            r#"["connected",null,"server:x",[0,0]]"#,
+            r#"["connected","5","server:x",[0,0]]"#,
+            r#"["connected",5,null,[0,0]]"#,
+            r#"["connected",5,1,[0,0]]"#,
+        ] {
+            assert_eq!(
+                error_of(frame),
+                ProtocolError::wrong_format(frame).to_frame(),
+                "{frame}"
+            );
+        }
+        assert_eq!(
+            parse(r#"["connected",5,"server:x",[0,0]]"#),
+            Ok(Message::Connected)
+        );
+    }
+
+    // Found by tests/catalogue.rs: a `sync` of a million pairs over a limit of 100,000 was
+    // parsed whole (about 1.2 GiB for 34 MiB of text) before the limit was checked.
+    #[test]
+    fn a_sync_over_the_pair_limit_is_refused_while_it_is_read() {
+        let mut frame = String::from(r#"["sync",1"#);
+        for n in 1..=5 {
+            frame.push_str(&format!(r#",{{"type":"a"}},{{"id":{n},"time":1}}"#));
+        }
+        frame.push(']');
+        assert!(
+            matches!(parse_limited(&frame, 5), Ok(Message::Sync { pairs, .. }) if pairs.len() == 5)
+        );
+        assert_eq!(
+            parse_limited(&frame, 4),
+            Err(ProtocolError::wrong_format(
+                "sync with 5 actions is over the limit of 4"
+            ))
+        );
+        assert_eq!(
+            parse_limited(&frame, 0),
+            Err(ProtocolError::wrong_format(
+                "sync with 5 actions is over the limit of 0"
+            ))
+        );
+        // Other messages have no pair limit, and bad JSON after the limit is still bad JSON.
+        assert_eq!(parse_limited(r#"["ping",1]"#, 0), Ok(Message::Ping));
+        let broken = format!("{}x", &frame[..frame.len() - 1]);
+        assert_eq!(
+            parse_limited(&broken, 1),
+            Err(ProtocolError::wrong_format(&broken))
+        );
+    }
+
+    #[test]
+    fn a_long_wrong_format_echo_is_cut_without_splitting_a_character() {
+        let frame = format!(r#"["sync",1,{{"type":"{}"}}]"#, "é".repeat(2000));
+        let ProtocolError::WrongFormat(echo) = parse(&frame)
+            .err()
+            .unwrap_or(ProtocolError::WrongCredentials)
+        else {
+            panic!("wrong-format expected");
+        };
+        assert!(echo.len() <= WRONG_FORMAT_ECHO_BYTES_MAX);
+        assert!(echo.len() > WRONG_FORMAT_ECHO_BYTES_MAX - 4);
+        assert!(frame.starts_with(&echo));
+        let object = format!(r#"{{"a":"{}"}}"#, "€".repeat(1000));
+        assert_eq!(parse(&object), Err(ProtocolError::wrong_format(&object)));
     }
 
     #[test]

@@ -20,6 +20,12 @@ pub const CLIENT_META_KEYS: [&str; 3] = ["id", "time", "subprotocol"];
 /// Messages held while authentication runs; a client that sends more is disconnected.
 pub const PREAUTH_QUEUE_MESSAGES_MAX: usize = 256;
 
+/// Frame bytes held while authentication runs; a client that sends more is disconnected.
+/// Logux clients send nothing but `connect` (and `headers`) before `connected`, so this only
+/// stops an unauthenticated peer from making the server hold up to
+/// `PREAUTH_QUEUE_MESSAGES_MAX` parsed frames of `frame_bytes_max` each.
+pub const PREAUTH_QUEUE_BYTES_MAX: usize = 1024 * 1024;
+
 /// Settings shared by all sessions of a server.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -107,6 +113,8 @@ pub struct Session {
     state: State,
     /// Messages received before authentication finished, replayed after it.
     queued: VecDeque<Message>,
+    /// Frame bytes of the queued messages.
+    queued_bytes: usize,
     /// Set from `connect`, confirmed by authentication.
     remote: Option<Remote>,
     /// The latest `headers` the client sent.
@@ -126,6 +134,7 @@ impl Session {
             config,
             state: State::AwaitingConnect,
             queued: VecDeque::new(),
+            queued_bytes: 0,
             remote: None,
             headers: Map::new(),
             connect_time: 0,
@@ -172,8 +181,8 @@ impl Session {
         if self.state == State::Closed {
             return Vec::new();
         }
-        match message::parse(frame) {
-            Ok(message) => self.handle(message, now),
+        match message::parse_limited(frame, self.config.sync_pairs_max) {
+            Ok(message) => self.handle(message, frame.len(), now),
             Err(error) => self.fail(error),
         }
     }
@@ -189,16 +198,20 @@ impl Session {
         vec![Output::Error(error), Output::Close]
     }
 
-    fn handle(&mut self, message: Message, now: i64) -> Vec<Output> {
+    /// Handles a message that arrived in a frame of `bytes` bytes.
+    fn handle(&mut self, message: Message, bytes: usize, now: i64) -> Vec<Output> {
         match self.state {
             State::Closed => Vec::new(),
             State::AwaitingConnect | State::Authenticating => {
                 if message.allowed_before_auth() {
                     self.handle_handshake(message, now)
-                } else if self.queued.len() >= PREAUTH_QUEUE_MESSAGES_MAX {
+                } else if self.queued.len() >= PREAUTH_QUEUE_MESSAGES_MAX
+                    || self.queued_bytes.saturating_add(bytes) > PREAUTH_QUEUE_BYTES_MAX
+                {
                     self.state = State::Closed;
                     vec![Output::Close]
                 } else {
+                    self.queued_bytes += bytes;
                     self.queued.push_back(message);
                     Vec::new()
                 }
@@ -312,6 +325,7 @@ impl Session {
             ])
         };
         outputs.push(Output::Frame(connected.to_string()));
+        self.queued_bytes = 0;
         while let Some(message) = self.queued.pop_front() {
             outputs.extend(self.handle_authenticated(message));
             if self.state == State::Closed {
@@ -523,6 +537,59 @@ mod tests {
             session.auth_failed(),
             vec![
                 Output::Error(ProtocolError::WrongCredentials),
+                Output::Close
+            ]
+        );
+    }
+
+    // Found by tests/catalogue.rs: 32 syncs of 2 MiB sent before `connect` were all parsed
+    // and held (about 1.4 GiB of memory for 64 MiB of frames) for an unauthenticated peer.
+    #[test]
+    fn messages_before_authentication_are_held_only_up_to_a_byte_limit() {
+        let mut session = session();
+        let ping = r#"["ping",0]"#;
+        let pad = PREAUTH_QUEUE_BYTES_MAX / 2;
+        let big = format!(r#"["ping",0{}]"#, " ".repeat(pad));
+        assert_eq!(session.receive(&big, 1), Vec::new());
+        assert_eq!(session.receive(ping, 1), Vec::new());
+        assert!(!session.is_closed());
+        assert_eq!(session.receive(&big, 1), vec![Output::Close]);
+        assert!(session.is_closed());
+    }
+
+    #[test]
+    fn held_messages_are_replayed_after_authentication_within_the_byte_limit() {
+        let mut session = session();
+        let big = format!(
+            r#"["ping",0{}]"#,
+            " ".repeat(PREAUTH_QUEUE_BYTES_MAX - r#"["ping",0]"#.len())
+        );
+        assert_eq!(big.len(), PREAUTH_QUEUE_BYTES_MAX);
+        assert_eq!(session.receive(&big, 1), Vec::new());
+        assert!(is_authenticate(&session.receive(CONNECT, 1)));
+        let outputs = session.authenticated(2);
+        assert_eq!(
+            outputs.last(),
+            Some(&Output::Frame(r#"["pong",0]"#.to_owned()))
+        );
+    }
+
+    #[test]
+    fn a_sync_over_the_pair_limit_is_wrong_format_naming_the_limit() {
+        let mut session = session();
+        assert!(is_authenticate(&session.receive(CONNECT, 1)));
+        session.authenticated(2);
+        let mut frame = String::from(r#"["sync",1"#);
+        for n in 1..=11 {
+            frame.push_str(&format!(r#",{{"type":"a"}},{{"id":{n},"time":1}}"#));
+        }
+        frame.push(']');
+        assert_eq!(
+            session.receive(&frame, 3),
+            vec![
+                Output::Error(ProtocolError::wrong_format(
+                    "sync with 11 actions is over the limit of 10"
+                )),
                 Output::Close
             ]
         );
