@@ -41,6 +41,9 @@ pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 75_000;
 pub const OUTBOX_LEN_DEFAULT: usize = 4096;
 /// Simultaneous connections accepted; more are refused to keep file descriptors available.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 19_000;
+/// Default `connections_per_address_max`: generous, since many users share one address
+/// behind a NAT or a proxy.
+pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: usize = 5_000;
 /// Default `handshakes_per_second`.
 pub const HANDSHAKES_PER_SECOND_DEFAULT: u64 = 5_000;
 /// Default `handshake_burst`.
@@ -163,6 +166,15 @@ pub struct TypeRule {
     pub resend: Vec<String>,
 }
 
+/// `[tls]`: certificate chain and private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// `[[sync_maps]]`: a Logux SyncMap (`syncMapTemplate` on the client) served from the log.
 #[derive(Debug, Clone)]
 pub struct SyncMapRule {
@@ -208,6 +220,8 @@ pub struct Limits {
     pub outbox_len: usize,
     /// Simultaneous connections accepted.
     pub connections_max: usize,
+    /// Simultaneous connections accepted from one IP address.
+    pub connections_per_address_max: usize,
     /// Handshakes admitted per second from the waiting room (token bucket rate).
     pub handshakes_per_second: u64,
     /// Handshakes admitted at once after a quiet period (token bucket size).
@@ -234,6 +248,7 @@ impl Default for Limits {
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             outbox_len: OUTBOX_LEN_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_MAX_DEFAULT,
             handshakes_per_second: HANDSHAKES_PER_SECOND_DEFAULT,
             handshake_burst: HANDSHAKE_BURST_DEFAULT,
             heavy_resync_actions: HEAVY_RESYNC_ACTIONS_DEFAULT,
@@ -304,6 +319,11 @@ pub struct Config {
     pub limits: Limits,
     /// The HTTP long-poll transport.
     pub long_poll: LongPollConfig,
+    /// `[tls]`: serve `wss://` and `https://` directly from this certificate and key.
+    pub tls: Option<TlsConfig>,
+    /// Browser origins allowed to open WebSocket connections (`Origin` header); empty allows
+    /// every origin. Clients that send no `Origin` (native apps, Node) are not affected.
+    pub allowed_origins: Vec<String>,
     /// Most actions kept in the log; `None` keeps everything.
     pub retention_actions_max: Option<u64>,
     /// True for the embedded demo configuration, so the server can warn that it is open.
@@ -363,6 +383,8 @@ impl Config {
             reducers: Vec::new(),
             limits: Limits::default(),
             long_poll: LongPollConfig::default(),
+            tls: None,
+            allowed_origins: Vec::new(),
             retention_actions_max: None,
             demo: true,
         }
@@ -398,6 +420,17 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     long_poll: RawLongPoll,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+}
+
+/// `[tls]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// `env` as written.
@@ -469,6 +502,7 @@ struct RawLimits {
     idle_timeout_ms: Option<u64>,
     outbox_len: Option<usize>,
     connections_max: Option<usize>,
+    connections_per_address_max: Option<usize>,
     handshakes_per_second: Option<u64>,
     handshake_burst: Option<u64>,
     heavy_resync_actions: Option<u64>,
@@ -618,6 +652,11 @@ impl RawConfig {
             reducers,
             limits: self.limits.into_limits()?,
             long_poll: self.long_poll.into_long_poll()?,
+            tls: self.tls.map(|raw| TlsConfig {
+                cert: raw.cert,
+                key: raw.key,
+            }),
+            allowed_origins: self.allowed_origins,
             retention_actions_max: self.retention_actions_max.filter(|&n| n > 0),
             demo: false,
         })
@@ -682,6 +721,11 @@ impl RawLimits {
             idle_timeout_ms: positive("idle_timeout_ms", self.idle_timeout_ms, d.idle_timeout_ms)?,
             outbox_len: positive("outbox_len", self.outbox_len, d.outbox_len)?,
             connections_max: positive("connections_max", self.connections_max, d.connections_max)?,
+            connections_per_address_max: positive(
+                "connections_per_address_max",
+                self.connections_per_address_max,
+                d.connections_per_address_max,
+            )?,
             handshakes_per_second: positive(
                 "handshakes_per_second",
                 self.handshakes_per_second,

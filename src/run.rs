@@ -26,6 +26,9 @@ pub enum RunError {
     /// The server could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The TLS certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::transports::tls::TlsError),
     /// The log could not be flushed at shutdown.
     #[error("flushing the log at shutdown failed: {0}")]
     Flush(#[from] crate::log::LogError),
@@ -34,9 +37,11 @@ pub enum RunError {
 /// Serves `config` until `shutdown` resolves, then closes clients, drains and flushes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let addr = config.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Bind { addr, source })?;
+    if let Some(tls) = &config.tls {
+        crate::transports::tls::acceptor(&tls.cert, &tls.key)?;
+    }
+    let listener =
+        crate::transports::http::bind(addr).map_err(|source| RunError::Bind { addr, source })?;
     let server = Server::open(config, Arc::new(SystemClock), None)?;
     let local = listener.local_addr().unwrap_or(addr);
     if server.config.demo {

@@ -4,6 +4,7 @@
 use super::long_poll::{self, LongPoll};
 use crate::server::connection::Peer;
 use crate::server::Server;
+use dashmap::DashMap;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, COOKIE};
 use hyper::server::conn::http1;
@@ -11,14 +12,30 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long an HTTP connection may take to send its request headers.
 pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// True when the request's `Origin` may open a WebSocket: no allow-list, no `Origin`
+/// header (not a browser), or an origin on the list.
+pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers
+        .get(hyper::header::ORIGIN)
+        .map(|value| value.to_str())
+    {
+        None => true,
+        Some(Ok(origin)) => allowed.iter().any(|entry| entry == origin || entry == "*"),
+        Some(Err(_)) => false,
+    }
+}
 
 /// A plain-text response.
 pub fn plain(status: StatusCode, body: &str) -> Response<String> {
@@ -87,6 +104,69 @@ pub fn peer_from_headers(headers: &HeaderMap, remote: SocketAddr, transport: &'s
     peer
 }
 
+/// Pending connections the kernel queues for `accept` (tokio's default is 128; a reconnect
+/// storm overflows that, and dropped SYNs cost clients 1 s retransmission delays).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+
+/// Holds a connection's share of `connections_max` and of its address's
+/// `connections_per_address_max` until the last clone is dropped.
+pub type Slot = Arc<dyn Send + Sync>;
+
+/// Counts open connections per IP address.
+#[derive(Debug, Default)]
+pub struct AddressCounts(DashMap<IpAddr, usize>);
+
+/// One connection of one address; uncounts itself on drop.
+struct AddressGuard {
+    counts: Arc<AddressCounts>,
+    addr: IpAddr,
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        if let Some(mut count) = self.counts.0.get_mut(&self.addr) {
+            *count = count.saturating_sub(1);
+        }
+        self.counts.0.remove_if(&self.addr, |_, count| *count == 0);
+    }
+}
+
+impl AddressCounts {
+    /// Counts a new connection from `addr`, unless it already has `max`.
+    fn enter(self: &Arc<Self>, addr: IpAddr, max: usize) -> Option<AddressGuard> {
+        let mut count = self.0.entry(addr).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressGuard {
+            counts: Arc::clone(self),
+            addr,
+        })
+    }
+}
+
+/// What a connection holds while it is open.
+struct Held {
+    _global: Option<OwnedSemaphorePermit>,
+    _address: Option<AddressGuard>,
+}
+
+/// Binds `addr` with a listen backlog of `LISTEN_BACKLOG`.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts connections until shutdown starts.
 pub async fn serve(listener: TcpListener, server: Arc<Server>) {
     serve_with(listener, server, ServeOptions::default()).await;
@@ -96,6 +176,18 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
 pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: ServeOptions) {
     let long_poll = LongPoll::new(server.clone(), options.peer_observer.clone());
     let permits = Arc::new(Semaphore::new(server.config.limits.connections_max));
+    let addresses = Arc::new(AddressCounts::default());
+    let per_address_max = server.config.limits.connections_per_address_max;
+    let tls = match &server.config.tls {
+        Some(settings) => match super::tls::acceptor(&settings.cert, &settings.key) {
+            Ok(acceptor) => Some(acceptor),
+            Err(error) => {
+                tracing::error!(%error, "TLS is configured but cannot be set up; not serving");
+                return;
+            }
+        },
+        None => None,
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -114,38 +206,90 @@ pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: Ser
             break;
         }
         let _ = stream.set_nodelay(true);
-        let permit = permits.clone().try_acquire_owned().ok();
-        let server = server.clone();
-        let long_poll = long_poll.clone();
-        let observer = options.peer_observer.clone();
-        tokio::spawn(async move {
-            let over_limit = permit.is_none();
-            let service = service_fn(move |request: Request<Incoming>| {
-                let server = server.clone();
-                let long_poll = long_poll.clone();
-                let observer = observer.clone();
-                async move {
-                    if long_poll::is_long_poll_path(request.uri().path())
-                        && !super::ws::is_upgrade(&request)
-                    {
-                        let response = long_poll.handle(request, remote, over_limit).await;
-                        return Ok::<_, Infallible>(response);
-                    }
-                    Ok(route(request, server, remote, over_limit, observer))
-                }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_millis(HTTP_HEADER_READ_TIMEOUT_MS));
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "http connection ended with an error");
-            }
-            drop(permit);
+        let global = permits.clone().try_acquire_owned().ok();
+        let address = addresses.enter(remote.ip(), per_address_max);
+        let over_limit = global.is_none() || address.is_none();
+        let slot: Slot = Arc::new(Held {
+            _global: global,
+            _address: address,
         });
+        let connection = Accepted {
+            server: server.clone(),
+            long_poll: long_poll.clone(),
+            observer: options.peer_observer.clone(),
+            remote,
+            over_limit,
+            slot,
+        };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => connection.serve(stream).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One accepted TCP (or TLS) connection.
+struct Accepted {
+    server: Arc<Server>,
+    long_poll: Arc<LongPoll>,
+    observer: Option<PeerObserver>,
+    remote: SocketAddr,
+    over_limit: bool,
+    slot: Slot,
+}
+
+impl Accepted {
+    /// Serves HTTP/1.1 on `io`, with upgrades.
+    async fn serve<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Accepted {
+            server,
+            long_poll,
+            observer,
+            remote,
+            over_limit,
+            slot,
+        } = self;
+        let service = service_fn(move |request: Request<Incoming>| {
+            let server = server.clone();
+            let long_poll = long_poll.clone();
+            let observer = observer.clone();
+            let slot = slot.clone();
+            async move {
+                if long_poll::is_long_poll_path(request.uri().path())
+                    && !super::ws::is_upgrade(&request)
+                {
+                    let response = long_poll.handle(request, remote, over_limit).await;
+                    return Ok::<_, Infallible>(response);
+                }
+                Ok(route(request, server, remote, over_limit, observer, slot))
+            }
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(HTTP_HEADER_READ_TIMEOUT_MS));
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "http connection ended with an error");
+        }
     }
 }
 
@@ -155,6 +299,7 @@ fn route(
     remote: SocketAddr,
     over_limit: bool,
     observer: Option<PeerObserver>,
+    slot: Slot,
 ) -> Response<String> {
     if server.is_shutting_down() {
         return plain(
@@ -179,11 +324,19 @@ fn route(
                 .inc();
             return busy("The waiting room is full, retry later\n");
         }
+        if !origin_allowed(&server.config.allowed_origins, request.headers()) {
+            server
+                .metrics
+                .rejections
+                .with_label_values(&["origin"])
+                .inc();
+            return plain(StatusCode::FORBIDDEN, "Origin not allowed\n");
+        }
         let peer = peer_from_headers(request.headers(), remote, "ws");
         if let Some(observer) = &observer {
             observer(&peer);
         }
-        return super::ws::upgrade(request, server, peer);
+        return super::ws::upgrade(request, server, peer, slot);
     }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/health") => plain(StatusCode::OK, "Ferry: OK\n"),

@@ -38,13 +38,21 @@ pub fn is_upgrade<B>(request: &Request<B>) -> bool {
 
 /// Answers the upgrade with 101 and runs the Logux connection on the upgraded socket. `peer`
 /// carries the upgrade request's address, headers and cookies.
-pub fn upgrade(request: Request<Incoming>, server: Arc<Server>, peer: Peer) -> Response<String> {
+pub fn upgrade(
+    request: Request<Incoming>,
+    server: Arc<Server>,
+    peer: Peer,
+    slot: super::http::Slot,
+) -> Response<String> {
     let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
         return super::http::plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
     let accept = derive_accept_key(key.as_bytes());
     let frame_bytes_max = server.config.limits.frame_bytes_max;
     tokio::spawn(async move {
+        // The connection counts against `connections_max` and the per-address limit for as
+        // long as this task runs.
+        let _slot = slot;
         let upgraded = match hyper::upgrade::on(request).await {
             Ok(upgraded) => upgraded,
             Err(error) => {
