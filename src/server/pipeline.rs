@@ -71,14 +71,16 @@ impl Worker {
     /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
     pub async fn run(self, mut jobs: mpsc::Receiver<(Instant, IncomingSync)>) {
         let result = async {
-            let catchup = self.connect_catchup().await;
+            // Boxed, like `process` below: an idle worker then holds only its small outer
+            // state, not the largest state of every step (memory per idle connection).
+            let catchup = Box::pin(self.connect_catchup()).await;
             // Free the heavy-resync slot whatever happened.
             if let Ok(mut permit) = self.heavy_permit.lock() {
                 permit.take();
             }
             catchup?;
             while let Some((received, sync)) = jobs.recv().await {
-                self.process(received, sync).await?;
+                Box::pin(self.process(received, sync)).await?;
             }
             Ok::<(), PipelineError>(())
         }

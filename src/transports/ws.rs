@@ -18,9 +18,9 @@ use tokio_tungstenite::WebSocketStream;
 
 /// Initial read buffer per connection; tungstenite's 128 KiB default costs over 1 GiB at
 /// 10,000 connections. It grows for large frames.
-pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 1024;
 /// Bytes gathered before a write reaches the socket (frames are flushed per batch anyway).
-pub const WS_WRITE_BUFFER_BYTES: usize = 16 * 1024;
+pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// True when the request asks for a WebSocket upgrade.
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
