@@ -41,9 +41,9 @@ pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 75_000;
 pub const OUTBOX_LEN_DEFAULT: usize = 4096;
 /// Simultaneous connections accepted; more are refused to keep file descriptors available.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 19_000;
-/// Default `connections_per_address_max`: generous, since many users share one address
-/// behind a NAT or a proxy.
-pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: usize = 5_000;
+/// Default `connections_per_address_max`: as many as `connections_max`, since many users
+/// share one address behind a NAT or a proxy; public servers should set it lower.
+pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: usize = 19_000;
 /// Default `handshakes_per_second`.
 pub const HANDSHAKES_PER_SECOND_DEFAULT: u64 = 5_000;
 /// Default `handshake_burst`.
