@@ -31,4 +31,6 @@ echo "== compat tests (npm ci, node --test)"
   npm ci --no-audit --no-fund --loglevel=error
   FERRY_BIN="$PWD/../target/release/ferry" npm test
 )
+echo "== fuzz smoke run (cargo-fuzz, ${FUZZ_SECONDS:-20} s per target)"
+FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} bash scripts/fuzz-smoke.sh
 echo "== all tests passed"

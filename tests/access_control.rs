@@ -272,15 +272,15 @@ async fn a_denied_subscription_gets_neither_history_nor_live_actions() {
         .server
         .log
         .append(
-            vec![Entry {
-                action: json!({"type": "admin/announce", "topic": "secret"}),
-                meta: Meta {
+            vec![Entry::new(
+                json!({"type": "admin/announce", "topic": "secret"}),
+                Meta {
                     id,
                     time,
                     channels: vec!["admin/secret".to_owned()],
                     ..Meta::default()
                 },
-            }],
+            )],
             None,
         )
         .await
@@ -326,15 +326,15 @@ async fn a_denied_subscription_gets_neither_history_nor_live_actions() {
         .server
         .log
         .append(
-            vec![Entry {
-                action: json!({"type": "admin/announce", "topic": "secret", "n": 2}),
-                meta: Meta {
+            vec![Entry::new(
+                json!({"type": "admin/announce", "topic": "secret", "n": 2}),
+                Meta {
                     id,
                     time,
                     channels: vec!["admin/secret".to_owned()],
                     ..Meta::default()
                 },
-            }],
+            )],
             None,
         )
         .await
@@ -432,17 +432,19 @@ async fn a_client_cannot_act_under_another_client_or_user_id_but_its_other_tabs_
         "aaa:tab",
     ] {
         n += 1;
+        // Ids no action in the log has (see the ignored test below for one that does).
+        let shift = 100 + n;
         let answer = sync_one(
             &mut ten,
             n,
             message.clone(),
-            json!({"id": [n, foreign, 0], "time": n}),
+            json!({"id": [shift, foreign, 0], "time": n}),
         )
         .await;
         assert_undone(&answer, "denied", foreign);
         assert_eq!(
             answer["id"],
-            json!(format!("{} {foreign} 0", 1_000_000 + n)),
+            json!(format!("{} {foreign} 0", 1_000_000 + shift)),
             "the undo names the claimed id"
         );
     }
@@ -452,7 +454,7 @@ async fn a_client_cannot_act_under_another_client_or_user_id_but_its_other_tabs_
         &mut ten,
         n,
         subscribe("room/2"),
-        json!({"id": [n, "20:bbb:tab", 0], "time": n}),
+        json!({"id": [100 + n, "20:bbb:tab", 0], "time": n}),
     )
     .await;
     assert_undone(&subscription, "denied", "subscribe under another id");
@@ -472,6 +474,39 @@ async fn a_client_cannot_act_under_another_client_or_user_id_but_its_other_tabs_
         let delivered = next_json(&mut reader).await;
         assert_eq!(delivered[0], "sync", "{delivered}");
         assert_eq!(delivered[3]["id"], json!([n, tab, 0]), "{delivered}");
+    }
+}
+
+/// Regression (found by this file): `Worker::process` (src/server/pipeline.rs) took any
+/// action whose id was already in the log for a re-sent duplicate before checking that the
+/// id is the connection's own. An action under another client's stored id got only `synced`
+/// (no `logux/undo`), one under an unknown id got `denied`: the difference told any client
+/// which action ids other clients had stored (ids carry ms timestamps, so when another user
+/// acted). Both must be denied.
+#[tokio::test]
+async fn a_forged_id_of_a_stored_action_is_denied_not_acknowledged_as_a_duplicate() {
+    let server = TestServer::start(CONFIG);
+    let mut twenty = connect(&server, "20:bbb:tab", "good-20").await;
+    let own = sync_one(
+        &mut twenty,
+        1,
+        json!({"type": "room/message", "room": "1"}),
+        json!({"id": 1, "time": 1}),
+    )
+    .await;
+    assert_processed(&own, "user 20's own action");
+    let mut ten = connect(&server, "10:aaa:tab", "good-10").await;
+    // "1000001 20:bbb:tab 0" is stored; "1000002 20:bbb:tab 0" is not.
+    for (n, shift) in [(1, 2), (2, 1)] {
+        let sync = json!(["sync", n, {"type": "room/message", "room": "1"},
+            {"id": [shift, "20:bbb:tab", 0], "time": 1}]);
+        ten.send(&sync.to_string()).await;
+        assert_eq!(next_json(&mut ten).await, json!(["synced", n]));
+        let mut undone = false;
+        while let Some(frame) = ten.try_recv(Duration::from_secs(1)).await {
+            undone |= frame.contains(r#""reason":"denied""#);
+        }
+        assert!(undone, "a forged id at shift {shift} gets no logux/undo");
     }
 }
 
@@ -673,7 +708,7 @@ async fn a_correct_token_is_never_refused_because_of_other_clients_failures() {
     // Many failures from the same address at once: wrong tokens, forged JWTs, the server user.
     let mut failing = Vec::new();
     for n in 0..24 {
-        let mut client = server.connect();
+        let client = server.connect();
         let (node, token) = match n % 4 {
             0 => (format!("20:bad{n}:tab"), "wrong".to_owned()),
             1 => (
@@ -693,16 +728,21 @@ async fn a_correct_token_is_never_refused_because_of_other_clients_failures() {
         );
     }
     // The failures are recent (the manual clock stands still): the answer may be delayed, but
-    // every correct credential is accepted.
+    // every correct credential is accepted. They connect at once, so the delays overlap.
     let now = now_s(&server);
-    for (node, token) in [
+    let correct = [
         ("10:aaa:tab", "good-10".to_owned()),
         ("42:jwt:tab", hs256(&json!({"sub": "42", "exp": now + 60}))),
         ("77:any:tab", "shared-token".to_owned()),
-    ] {
-        let mut client = server.connect();
-        let started = std::time::Instant::now();
-        client.send(&connect_frame(node, Some(&token))).await;
+    ];
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for (node, token) in &correct {
+        let client = server.connect();
+        client.send(&connect_frame(node, Some(token))).await;
+        clients.push((node, client));
+    }
+    for (node, mut client) in clients {
         let headers = client.try_recv(SLOW_AUTH_WAIT).await;
         assert_eq!(
             headers.as_deref(),
@@ -711,11 +751,13 @@ async fn a_correct_token_is_never_refused_because_of_other_clients_failures() {
         );
         let connected = next_json(&mut client).await;
         assert_eq!(connected[0], "connected", "{node}");
-        assert!(
-            started.elapsed() <= SLOW_AUTH_WAIT,
-            "{node}: delayed by at most the brute-force maximum"
-        );
     }
+    let waited = started.elapsed();
+    println!("access_control: correct tokens accepted after {waited:?} despite 24 failures");
+    assert!(
+        waited <= SLOW_AUTH_WAIT,
+        "delayed by at most the brute-force maximum, not {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -760,4 +802,47 @@ async fn wrong_tokens_for_real_users_get_wrong_credentials() {
         forget_failures(&server);
         expect_refused(&server, node, token).await;
     }
+}
+
+/// Regression (found by this file): a `*` (or `logux/*`) type rule also accepted client
+/// actions of the protocol's own `logux/` types, so a client could forge a `logux/undo` or
+/// `logux/processed` naming another client's action and have it re-sent to that client
+/// through a channel (the demo rules do exactly that): Logux clients then revert (undo) or
+/// settle (processed) their own action. Only `logux/subscribe` and `logux/unsubscribe` are
+/// accepted from clients; other `logux/` types are `unknownType`, whatever the rules.
+#[tokio::test]
+async fn a_client_cannot_forge_server_answers_for_another_clients_action() {
+    let config = r#"
+env = "development"
+[auth]
+tokens = { "10" = "good-10", "20" = "good-20" }
+[[channels]]
+pattern = "room/:id"
+access = "anyone"
+[[types]]
+type = "*"
+access = "anyone"
+resend = ["{channel}"]
+"#;
+    let server = TestServer::start(config);
+    let mut victim = connect(&server, "20:bbb:tab", "good-20").await;
+    let joined = sync_one(
+        &mut victim,
+        1,
+        subscribe("room/1"),
+        json!({"id": 1, "time": 1}),
+    )
+    .await;
+    assert_processed(&joined, "the victim joins room/1");
+    let mut forger = connect(&server, "10:aaa:tab", "good-10").await;
+    let forged = [
+        json!({"type": "logux/undo", "id": "1000002 20:bbb:tab 0", "reason": "denied",
+            "action": {"type": "room/message"}, "channel": "room/1"}),
+        json!({"type": "logux/processed", "id": "1000003 20:bbb:tab 0", "channel": "room/1"}),
+    ];
+    for (n, action) in (1..).zip(forged) {
+        let answer = sync_one(&mut forger, n, action.clone(), json!({"id": n, "time": n})).await;
+        assert_undone(&answer, "unknownType", &action.to_string());
+    }
+    assert_quiet(&mut victim, "the victim").await;
 }

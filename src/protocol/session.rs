@@ -543,7 +543,7 @@ mod tests {
     }
 
     // Found by tests/catalogue.rs: 32 syncs of 2 MiB sent before `connect` were all parsed
-    // and held (about 1.4 GiB of memory for 64 MiB of frames) for an unauthenticated peer.
+    // and held (1.9 GiB of memory for 64 MiB of frames) for an unauthenticated peer.
     #[test]
     fn messages_before_authentication_are_held_only_up_to_a_byte_limit() {
         let mut session = session();

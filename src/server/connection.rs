@@ -23,6 +23,20 @@ use tokio::time::{sleep_until, Instant};
 /// How long a connection may take at shutdown to answer the `sync`s it already received.
 pub const SHUTDOWN_CONNECTION_DRAIN_MS: u64 = 3_000;
 
+/// One `sync` for the worker: when it arrived, its actions, and its share of the queue
+/// budget (released when the worker is done with it).
+pub type Job = (Instant, IncomingSync, tokio::sync::OwnedSemaphorePermit);
+
+/// How long the final close may wait for the client to take the close frame.
+pub const CLOSE_WAIT_MS: u64 = 1_000;
+
+/// How long one write to a client may stall (it does not read) before it is disconnected.
+pub const WRITE_STALL_MS: u64 = 10_000;
+
+/// Actions (pairs of all queued `sync` messages) one client may have waiting for its worker:
+/// the queue is bounded by content, not only by message count.
+pub const PIPELINE_QUEUE_ACTIONS_MAX: u32 = 100_000;
+
 /// `sync` messages of one client waiting for its pipeline worker.
 pub const PIPELINE_QUEUE_SYNCS_MAX: usize = 16;
 
@@ -140,7 +154,9 @@ struct Connection {
     session: Session,
     handle: Option<Arc<ConnHandle>>,
     outbox: Option<mpsc::Receiver<Outbound>>,
-    jobs: Option<mpsc::Sender<(Instant, IncomingSync)>>,
+    jobs: Option<mpsc::Sender<Job>>,
+    /// Permits for the actions queued for the worker (`PIPELINE_QUEUE_ACTIONS_MAX`).
+    pipeline_budget: Arc<tokio::sync::Semaphore>,
     /// The pipeline worker, awaited at shutdown so in-flight `sync`s are answered.
     worker: Option<tokio::task::JoinHandle<()>>,
     auth: Option<oneshot::Receiver<AuthResult>>,
@@ -174,6 +190,9 @@ where
         handle: None,
         outbox: None,
         jobs: None,
+        pipeline_budget: Arc::new(tokio::sync::Semaphore::new(
+            PIPELINE_QUEUE_ACTIONS_MAX as usize,
+        )),
         worker: None,
         auth: None,
         catchups_open: 0,
@@ -256,8 +275,11 @@ where
     if server.is_shutting_down() {
         conn.drain(&mut outgoing).await;
     }
-    if let Err(error) = outgoing.close().await {
-        tracing::debug!(%error, "closing a connection failed");
+    // A client that does not read cannot take the close frame either: do not wait for it.
+    match tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), outgoing.close()).await {
+        Ok(Err(error)) => tracing::debug!(%error, "closing a connection failed"),
+        Err(_) => tracing::debug!("a client did not take the close; dropping the socket"),
+        Ok(Ok(())) => {}
     }
     if let Some(handle) = conn.handle.take() {
         server.hub.unregister(&handle);
@@ -313,7 +335,15 @@ impl Connection {
                     if let Some(jobs) = &self.jobs {
                         // Waiting here is the backpressure on a client that sends faster than
                         // its actions can be stored.
-                        if jobs.send((Instant::now(), sync)).await.is_err() {
+                        let actions = u32::try_from(sync.entries.len())
+                            .unwrap_or(u32::MAX)
+                            .clamp(1, PIPELINE_QUEUE_ACTIONS_MAX);
+                        let budget = Arc::clone(&self.pipeline_budget);
+                        let Ok(permit) = budget.acquire_many_owned(actions).await else {
+                            self.close = true;
+                            continue;
+                        };
+                        if jobs.send((Instant::now(), sync, permit)).await.is_err() {
                             self.close = true;
                         }
                     }
@@ -322,17 +352,31 @@ impl Connection {
         }
     }
 
-    /// Writes and flushes the pending frames; false when the peer is gone.
+    /// Writes and flushes the pending frames; false when the peer is gone, does not read
+    /// (the write stalls for `WRITE_STALL_MS`), or the hub kicked the connection meanwhile.
     async fn write_pending<K, E>(&mut self, outgoing: &mut K) -> bool
     where
         K: Sink<String, Error = E> + Unpin,
     {
-        for frame in std::mem::take(&mut self.pending_frames) {
-            if outgoing.feed(frame).await.is_err() {
-                return false;
+        let frames = std::mem::take(&mut self.pending_frames);
+        let handle = self.handle.clone();
+        let write = async {
+            for frame in frames {
+                if outgoing.feed(frame).await.is_err() {
+                    return false;
+                }
+            }
+            outgoing.flush().await.is_ok()
+        };
+        tokio::select! {
+            written = write => written,
+            _ = kicked(handle.as_deref()) => false,
+            _ = tokio::time::sleep(Duration::from_millis(WRITE_STALL_MS)) => {
+                tracing::warn!(addr = %self.peer.addr, "a client stopped reading; disconnecting it");
+                self.server.metrics.slow_consumers.inc();
+                false
             }
         }
-        outgoing.flush().await.is_ok()
     }
 
     /// Shutdown: reads nothing more, lets the worker finish the `sync`s it already has, and

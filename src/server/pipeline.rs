@@ -69,7 +69,7 @@ impl Worker {
     }
 
     /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
-    pub async fn run(self, mut jobs: mpsc::Receiver<(Instant, IncomingSync)>) {
+    pub async fn run(self, mut jobs: mpsc::Receiver<super::connection::Job>) {
         let result = async {
             // Boxed, like `process` below: an idle worker then holds only its small outer
             // state, not the largest state of every step (memory per idle connection).
@@ -79,8 +79,9 @@ impl Worker {
                 permit.take();
             }
             catchup?;
-            while let Some((received, sync)) = jobs.recv().await {
+            while let Some((received, sync, budget)) = jobs.recv().await {
                 Box::pin(self.process(received, sync)).await?;
+                drop(budget);
             }
             Ok::<(), PipelineError>(())
         }
@@ -156,8 +157,12 @@ impl Worker {
             // A re-sent action (its `synced` was lost) is acknowledged again but not judged
             // again: its stored `logux/processed` or `logux/undo` reaches the client through
             // the connect catch-up or already went out on this connection.
+            // Identity comes first: an action under another client's id is denied even when
+            // that id is stored (otherwise a forged id would be acknowledged as a re-send).
             let id = &incoming.entry.meta.id;
-            if !ids.insert(id.clone()) || self.server.log.added_of(id)?.is_some() {
+            let duplicate = incoming.denied.is_none()
+                && (!ids.insert(id.clone()) || self.server.log.added_of(id)?.is_some());
+            if duplicate {
                 self.server
                     .metrics
                     .actions_received
@@ -219,6 +224,13 @@ impl Worker {
         }
         match entry.action_type() {
             "logux/subscribe" => self.subscribe(entry, batch, debug).await,
+            // Only the server creates the other `logux/` actions (`processed`, `undo`, ...):
+            // a client sending one, even under a `*` rule, could fake answers for others.
+            other if other.starts_with("logux/") && other != "logux/unsubscribe" => {
+                received.with_label_values(&["unknown_type"]).inc();
+                self.undo(entry, "unknownType", batch, debug);
+                Ok(())
+            }
             "logux/unsubscribe" => {
                 match entry.action.get("channel").and_then(Value::as_str) {
                     Some(channel) => {
