@@ -15,29 +15,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::child::{connect, Ferry, NoListener};
+use support::child::{connect, Ferry, NoListener, ROOM_CONFIG as CONFIG};
 use tokio_tungstenite::tungstenite::Message;
 
 const WRITERS: usize = 4;
 const IN_FLIGHT_MAX: usize = 16;
 const ID_EPOCH_MS: i64 = 1_700_000_000_000;
 const CHANNEL: &str = "room/crash";
-
-const CONFIG: &str = r#"
-env = "production"
-subprotocol = 1
-[auth]
-any_user_token = "secret"
-[[channels]]
-pattern = "room/:id"
-access = "anyone"
-[[types]]
-type = "room/message"
-access = "anyone"
-resend = ["room/{room}"]
-[limits]
-subscribe_history_max = 1000000
-"#;
 
 /// One writer: sends numbered actions, re-sends the unacknowledged ones after a restart,
 /// and records which were answered with `synced`.

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use support::child::{connect, Ferry, NoListener};
+use support::child::{connect, Ferry, NoListener, ROOM_CONFIG as CONFIG};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -19,20 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 const TMPFS_SIZE: &str = "size=3m";
 const PAYLOAD_BYTES: usize = 16 * 1024;
 const ACTIONS_MAX: i64 = 2_000;
-
-const CONFIG: &str = r#"
-env = "production"
-subprotocol = 1
-[auth]
-any_user_token = "secret"
-[[channels]]
-pattern = "room/:id"
-access = "anyone"
-[[types]]
-type = "room/message"
-access = "anyone"
-resend = ["room/{room}"]
-"#;
 
 fn is_root() -> bool {
     Command::new("id")

@@ -18,6 +18,24 @@ impl CommitListener for NoListener {
     fn committed(&self, _: &[Arc<ferry::action::Entry>]) {}
 }
 
+/// Production rules for one `room/:id` channel and the `room/message` type, with a shared
+/// token and history replay large enough for the crash test's verification.
+pub const ROOM_CONFIG: &str = r#"
+env = "production"
+subprotocol = 1
+[auth]
+any_user_token = "secret"
+[[channels]]
+pattern = "room/:id"
+access = "anyone"
+[[types]]
+type = "room/message"
+access = "anyone"
+resend = ["room/{room}"]
+[limits]
+subscribe_history_max = 1000000
+"#;
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
