@@ -152,6 +152,8 @@ pub struct ChannelRule {
     pub pattern: String,
     /// Who may subscribe to a matching channel: `Anyone`, `Nobody` or `Param`.
     pub access: Access,
+    /// Back-end hooks of this rule (`access`, `load`, `events`).
+    pub hooks: RuleHooks,
 }
 
 /// `[[types]]`.
@@ -164,7 +166,132 @@ pub struct TypeRule {
     /// Channel templates (`"room/{room}"`) filled from the action's fields; the action is
     /// re-sent to every channel obtained.
     pub resend: Vec<String>,
+    /// Back-end hooks of this rule (`access`, `resend`, `process`).
+    pub hooks: RuleHooks,
 }
+
+/// A back-end hook a rule can delegate to `[backend] url`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// Authentication of a `connect` (`[backend] auth = true`).
+    Auth,
+    /// May this user add this action / subscribe to this channel?
+    Access,
+    /// Where is this action re-sent?
+    Resend,
+    /// Actions sent to a new subscriber (not stored).
+    Load,
+    /// Durable, retried processing of a stored action.
+    Process,
+    /// Stored actions of a channel, delivered at least once in order.
+    Events,
+}
+
+impl Hook {
+    /// The hook's name: the last path segment of its URL and the `Ferry-Hook` header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Auth => "auth",
+            Hook::Access => "access",
+            Hook::Resend => "resend",
+            Hook::Load => "load",
+            Hook::Process => "process",
+            Hook::Events => "events",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Hook> {
+        [
+            Hook::Auth,
+            Hook::Access,
+            Hook::Resend,
+            Hook::Load,
+            Hook::Process,
+            Hook::Events,
+        ]
+        .into_iter()
+        .find(|hook| hook.name() == name)
+    }
+}
+
+/// The back-end hooks of one `[[types]]` or `[[channels]]` rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleHooks {
+    /// The hooks this rule delegates.
+    pub hooks: Vec<Hook>,
+    /// Connection headers (lowercase names) sent with these hooks.
+    pub headers: Vec<String>,
+    /// Connection cookies sent with these hooks.
+    pub cookies: Vec<String>,
+}
+
+impl RuleHooks {
+    /// True when this rule delegates `hook`.
+    pub fn has(&self, hook: Hook) -> bool {
+        self.hooks.contains(&hook)
+    }
+}
+
+/// `[backend]`: where hooks go and the secret that signs both directions. Its `Debug` output
+/// masks the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Base URL (`http://host:port/path`); each hook is POSTed to `url/<hook>`.
+    pub url: String,
+    /// HMAC-SHA256 key of hook requests and server API calls.
+    pub secret: String,
+    /// Delegate authentication to `url/auth`.
+    pub auth: bool,
+    /// Most time one hook request may take.
+    pub timeout_ms: u64,
+    /// Hook requests in flight at once.
+    pub concurrency_max: usize,
+    /// Largest hook answer read.
+    pub response_bytes_max: usize,
+    /// First retry delay of a `process` or `events` call; doubled on each failure.
+    pub process_retry_initial_ms: u64,
+    /// Longest retry delay.
+    pub process_retry_max_ms: u64,
+    /// A `process` task not answered this long after its action was stored ends in
+    /// `logux/undo` reason `error`.
+    pub process_deadline_ms: u64,
+    /// Most events in one `url/events` request.
+    pub events_batch_max: usize,
+    /// Request headers sent with the auth hook.
+    pub auth_headers: Vec<String>,
+    /// Cookies sent with the auth hook.
+    pub auth_cookies: Vec<String>,
+}
+
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("url", &self.url)
+            .field("secret", &"***")
+            .field("auth", &self.auth)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("concurrency_max", &self.concurrency_max)
+            .field("process_deadline_ms", &self.process_deadline_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default `[backend] timeout_ms`.
+pub const BACKEND_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default `[backend] concurrency_max`.
+pub const BACKEND_CONCURRENCY_MAX_DEFAULT: usize = 64;
+/// Default `[backend] response_bytes_max`.
+pub const BACKEND_RESPONSE_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+/// Default `[backend] process_retry_initial_ms`.
+pub const BACKEND_RETRY_INITIAL_MS_DEFAULT: u64 = 500;
+/// Default `[backend] process_retry_max_ms`.
+pub const BACKEND_RETRY_MAX_MS_DEFAULT: u64 = 30_000;
+/// Default `[backend] process_deadline_ms`: one day.
+pub const BACKEND_PROCESS_DEADLINE_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// Default `[backend] events_batch_max`.
+pub const BACKEND_EVENTS_BATCH_MAX_DEFAULT: usize = 100;
+/// Shortest accepted `[backend] secret`.
+pub const BACKEND_SECRET_BYTES_MIN: usize = 16;
 
 /// `[tls]`: certificate chain and private key, PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,6 +455,8 @@ pub struct Config {
     pub retention_actions_max: Option<u64>,
     /// True for the embedded demo configuration, so the server can warn that it is open.
     pub demo: bool,
+    /// `[backend]`: HTTP hooks and the server API; `None` disables both.
+    pub backend: Option<BackendConfig>,
 }
 
 impl Config {
@@ -373,11 +502,13 @@ impl Config {
             channels: vec![ChannelRule {
                 pattern: "*".to_owned(),
                 access: Access::Anyone,
+                hooks: RuleHooks::default(),
             }],
             types: vec![TypeRule {
                 action_type: "*".to_owned(),
                 access: Access::Anyone,
                 resend: vec!["{channel}".to_owned()],
+                hooks: RuleHooks::default(),
             }],
             sync_maps: Vec::new(),
             reducers: Vec::new(),
@@ -387,6 +518,7 @@ impl Config {
             allowed_origins: Vec::new(),
             retention_actions_max: None,
             demo: true,
+            backend: None,
         }
     }
 }
@@ -423,6 +555,146 @@ struct RawConfig {
     tls: Option<RawTls>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    backend: Option<RawBackend>,
+}
+
+/// `[backend]` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    url: String,
+    secret: String,
+    #[serde(default)]
+    auth: bool,
+    timeout_ms: Option<u64>,
+    concurrency_max: Option<usize>,
+    response_bytes_max: Option<usize>,
+    process_retry_initial_ms: Option<u64>,
+    process_retry_max_ms: Option<u64>,
+    process_deadline_ms: Option<u64>,
+    events_batch_max: Option<usize>,
+    #[serde(default)]
+    auth_headers: Vec<String>,
+    #[serde(default)]
+    auth_cookies: Vec<String>,
+}
+
+impl RawBackend {
+    fn into_backend(self) -> Result<BackendConfig, ConfigError> {
+        let Some(rest) = self.url.strip_prefix("http://") else {
+            return Err(ConfigError::Invalid(format!(
+                "backend.url: {:?} must start with http:// (put a TLS proxy in front of an \
+                 https back-end)",
+                self.url
+            )));
+        };
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err(invalid("backend.url: needs a host"));
+        }
+        if self.secret.len() < BACKEND_SECRET_BYTES_MIN {
+            return Err(ConfigError::Invalid(format!(
+                "backend.secret: must be at least {BACKEND_SECRET_BYTES_MIN} bytes"
+            )));
+        }
+        let positive = |name: &str, value: Option<u64>, default: u64| match value {
+            Some(0) => Err(ConfigError::Invalid(format!(
+                "backend.{name}: must be greater than 0"
+            ))),
+            Some(value) => Ok(value),
+            None => Ok(default),
+        };
+        let timeout_ms = positive("timeout_ms", self.timeout_ms, BACKEND_TIMEOUT_MS_DEFAULT)?;
+        let retry_initial = positive(
+            "process_retry_initial_ms",
+            self.process_retry_initial_ms,
+            BACKEND_RETRY_INITIAL_MS_DEFAULT,
+        )?;
+        let retry_max = positive(
+            "process_retry_max_ms",
+            self.process_retry_max_ms,
+            BACKEND_RETRY_MAX_MS_DEFAULT,
+        )?;
+        let deadline = positive(
+            "process_deadline_ms",
+            self.process_deadline_ms,
+            BACKEND_PROCESS_DEADLINE_MS_DEFAULT,
+        )?;
+        let as_usize = |value: Option<usize>| value.map(|value| value as u64);
+        let concurrency = positive(
+            "concurrency_max",
+            as_usize(self.concurrency_max),
+            BACKEND_CONCURRENCY_MAX_DEFAULT as u64,
+        )?;
+        let response = positive(
+            "response_bytes_max",
+            as_usize(self.response_bytes_max),
+            BACKEND_RESPONSE_BYTES_MAX_DEFAULT as u64,
+        )?;
+        let events = positive(
+            "events_batch_max",
+            as_usize(self.events_batch_max),
+            BACKEND_EVENTS_BATCH_MAX_DEFAULT as u64,
+        )?;
+        Ok(BackendConfig {
+            url: self.url.trim_end_matches('/').to_owned(),
+            secret: self.secret,
+            auth: self.auth,
+            timeout_ms,
+            concurrency_max: usize::try_from(concurrency).unwrap_or(usize::MAX),
+            response_bytes_max: usize::try_from(response).unwrap_or(usize::MAX),
+            process_retry_initial_ms: retry_initial,
+            process_retry_max_ms: retry_max.max(retry_initial),
+            process_deadline_ms: deadline,
+            events_batch_max: usize::try_from(events).unwrap_or(usize::MAX),
+            auth_headers: lowercase(self.auth_headers),
+            auth_cookies: self.auth_cookies,
+        })
+    }
+}
+
+fn lowercase(names: Vec<String>) -> Vec<String> {
+    names
+        .into_iter()
+        .map(|name| name.to_ascii_lowercase())
+        .collect()
+}
+
+/// Parses a rule's `hooks` list, allowing only the hooks in `allowed`.
+fn parse_hooks(
+    rule: &str,
+    names: Vec<String>,
+    headers: Vec<String>,
+    cookies: Vec<String>,
+    allowed: &[Hook],
+    backend: bool,
+) -> Result<RuleHooks, ConfigError> {
+    let mut hooks = Vec::with_capacity(names.len());
+    for name in names {
+        match Hook::from_name(&name).filter(|hook| allowed.contains(hook)) {
+            Some(hook) if !hooks.contains(&hook) => hooks.push(hook),
+            Some(_) => {
+                return Err(ConfigError::Invalid(format!(
+                    "{rule}: hook {name:?} is listed twice"
+                )))
+            }
+            None => {
+                let allowed: Vec<&str> = allowed.iter().map(|hook| hook.name()).collect();
+                return Err(ConfigError::Invalid(format!(
+                    "{rule}: hook {name:?} must be one of {allowed:?}"
+                )));
+            }
+        }
+    }
+    if !hooks.is_empty() && !backend {
+        return Err(ConfigError::Invalid(format!(
+            "{rule}: hooks need a [backend] section with url and secret"
+        )));
+    }
+    Ok(RuleHooks {
+        hooks,
+        headers: lowercase(headers),
+        cookies,
+    })
 }
 
 /// `[tls]` as written.
@@ -457,6 +729,12 @@ struct RawAuth {
 struct RawChannel {
     pattern: String,
     access: String,
+    #[serde(default)]
+    hooks: Vec<String>,
+    #[serde(default)]
+    headers: Vec<String>,
+    #[serde(default)]
+    cookies: Vec<String>,
 }
 
 /// One `[[types]]` as written.
@@ -468,6 +746,12 @@ struct RawType {
     access: String,
     #[serde(default)]
     resend: Vec<String>,
+    #[serde(default)]
+    hooks: Vec<String>,
+    #[serde(default)]
+    headers: Vec<String>,
+    #[serde(default)]
+    cookies: Vec<String>,
 }
 
 /// One `[[sync_maps]]` as written.
@@ -549,15 +833,26 @@ impl RawConfig {
                 "min_subprotocol ({min_subprotocol}) must not exceed subprotocol ({subprotocol})"
             )));
         }
+        let backend = self.backend.map(RawBackend::into_backend).transpose()?;
+        let has_backend = backend.is_some();
         let channels = self
             .channels
             .into_iter()
             .enumerate()
             .map(|(index, raw)| {
                 let access = parse_channel_access(index, &raw.pattern, &raw.access)?;
+                let hooks = parse_hooks(
+                    &format!("channels[{index}] (pattern {:?})", raw.pattern),
+                    raw.hooks,
+                    raw.headers,
+                    raw.cookies,
+                    &[Hook::Access, Hook::Load, Hook::Events],
+                    has_backend,
+                )?;
                 Ok(ChannelRule {
                     pattern: raw.pattern,
                     access,
+                    hooks,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -567,10 +862,19 @@ impl RawConfig {
             .enumerate()
             .map(|(index, raw)| {
                 let access = parse_type_access(index, &raw.action_type, &raw.access)?;
+                let hooks = parse_hooks(
+                    &format!("types[{index}] (type {:?})", raw.action_type),
+                    raw.hooks,
+                    raw.headers,
+                    raw.cookies,
+                    &[Hook::Access, Hook::Resend, Hook::Process],
+                    has_backend,
+                )?;
                 Ok(TypeRule {
                     action_type: raw.action_type,
                     access,
                     resend: raw.resend,
+                    hooks,
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -659,6 +963,7 @@ impl RawConfig {
             allowed_origins: self.allowed_origins,
             retention_actions_max: self.retention_actions_max.filter(|&n| n > 0),
             demo: false,
+            backend,
         })
     }
 }

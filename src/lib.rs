@@ -1,6 +1,7 @@
 //! Ferry: a Logux-compatible action-log sync server.
 
 pub mod action;
+pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod crdt;

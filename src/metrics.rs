@@ -56,6 +56,18 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     /// Open long-poll sessions.
     pub long_poll_sessions: IntGauge,
+    /// Back-end hook requests by `hook` and `outcome` (`ok`, `error`).
+    pub hook_requests: IntCounterVec,
+    /// Back-end hook request time by `hook`.
+    pub hook_latency: HistogramVec,
+    /// `process` tasks stored and not yet answered.
+    pub process_pending: IntGauge,
+    /// Finished `process` tasks by `outcome` (`processed`, `failed`, `deadline`).
+    pub process_finished: IntCounterVec,
+    /// Events delivered to the back-end.
+    pub events_delivered: IntCounter,
+    /// Server API requests by `outcome` (`ok`, `unauthorized`, `bad_request`, ...).
+    pub api_requests: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -109,6 +121,16 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
             &["kind"],
+        )
+        .expect("valid metric");
+        #[allow(clippy::expect_used)]
+        let hook_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_backend_hook_seconds",
+                "Time of back-end hook requests by hook.",
+            )
+            .buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            &["hook"],
         )
         .expect("valid metric");
         let metrics = Metrics {
@@ -172,6 +194,30 @@ impl Metrics {
                 &["reason"],
             ),
             long_poll_sessions: gauge("ferry_long_poll_sessions", "Open long-poll sessions."),
+            hook_requests: counter_vec(
+                "ferry_backend_hook_requests_total",
+                "Back-end hook requests by hook and outcome.",
+                &["hook", "outcome"],
+            ),
+            hook_latency,
+            process_pending: gauge(
+                "ferry_backend_process_pending",
+                "Process tasks stored and not yet answered by the back-end.",
+            ),
+            process_finished: counter_vec(
+                "ferry_backend_process_finished_total",
+                "Finished process tasks by outcome.",
+                &["outcome"],
+            ),
+            events_delivered: counter(
+                "ferry_backend_events_delivered_total",
+                "Actions delivered to the back-end events hook.",
+            ),
+            api_requests: counter_vec(
+                "ferry_api_requests_total",
+                "Server API requests by outcome.",
+                &["outcome"],
+            ),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(metrics.connections.clone()),
@@ -193,6 +239,12 @@ impl Metrics {
             Box::new(metrics.admission_wait.clone()),
             Box::new(metrics.rejections.clone()),
             Box::new(metrics.long_poll_sessions.clone()),
+            Box::new(metrics.hook_requests.clone()),
+            Box::new(metrics.hook_latency.clone()),
+            Box::new(metrics.process_pending.clone()),
+            Box::new(metrics.process_finished.clone()),
+            Box::new(metrics.events_delivered.clone()),
+            Box::new(metrics.api_requests.clone()),
             #[cfg(target_os = "linux")]
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];

@@ -24,6 +24,11 @@ pub(super) const TARGET_PREFIX: u8 = b't';
 pub(super) const META_PREFIX: u8 = b'm';
 /// Object states kept by reducers: `s` + object key -> added (u64 BE) + state bytes.
 pub(super) const STATE_PREFIX: u8 = b's';
+/// Durable tasks (pending back-end work): `q` + queue length (u32 BE) + queue + added (u64 BE)
+/// → the caller's bytes.
+pub(super) const TASK_PREFIX: u8 = b'q';
+/// Bytes of the queue length in a task key.
+const TASK_QUEUE_LEN_BYTES: usize = 4;
 /// Name of the metadata record that holds the highest `added` ever assigned.
 const LAST_ADDED_NAME: &[u8] = b"last_added";
 /// Name prefix of the settings inside the metadata records, so that a setting can never
@@ -210,6 +215,47 @@ pub(super) fn state_key(object: &str) -> Vec<u8> {
     key
 }
 
+/// The start of the task keys of `queue`: the prefix, the length and the name, so that no
+/// queue's keys fall inside another's range whatever bytes the names hold.
+pub(super) fn task_queue_prefix(queue: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + TASK_QUEUE_LEN_BYTES + queue.len() + ADDED_LEN_BYTES);
+    key.push(TASK_PREFIX);
+    // Queue names are client ids and other short names, far below 4 GiB.
+    let len = u32::try_from(queue.len()).unwrap_or(u32::MAX);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(queue.as_bytes());
+    key
+}
+
+/// The key of the task of `queue` for the entry at `added`.
+pub(super) fn task_key(queue: &str, added: u64) -> Vec<u8> {
+    let mut key = task_queue_prefix(queue);
+    key.extend_from_slice(&added.to_be_bytes());
+    key
+}
+
+/// The queue name and `added` of a task key.
+pub(super) fn decode_task_key(key: &[u8]) -> Result<(String, u64), LogError> {
+    let corrupt = |reason: &str| LogError::Corrupt {
+        key: describe_key(key),
+        reason: reason.to_owned(),
+    };
+    let len_end = 1 + TASK_QUEUE_LEN_BYTES;
+    let len_bytes: [u8; TASK_QUEUE_LEN_BYTES] = key
+        .get(1..len_end)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| corrupt("task key too short"))?;
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    let queue = key
+        .get(len_end..len_end + len)
+        .ok_or_else(|| corrupt("task key shorter than its queue name"))?;
+    if key.len() != len_end + len + ADDED_LEN_BYTES {
+        return Err(corrupt("task key has the wrong length"));
+    }
+    let queue = String::from_utf8(queue.to_vec()).map_err(|_| corrupt("queue is not UTF-8"))?;
+    Ok((queue, added_suffix(key)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +274,19 @@ mod tests {
         let (long_start, _) =
             index_range(&channel_head(), "ab", 0, u64::MAX).expect("indexable name");
         assert!(!(short_start..=short_end).contains(&long_start));
+    }
+
+    #[test]
+    fn task_keys_of_one_queue_sort_by_added_and_never_mix_with_others() {
+        assert!(task_key("a", 2) < task_key("a", 10));
+        let a = task_queue_prefix("a");
+        assert!(!task_key("ab", 1).starts_with(&a));
+        assert!(!task_key("a\0", 1).starts_with(&a));
+        assert_eq!(
+            decode_task_key(&task_key("10:x", 7)).ok(),
+            Some(("10:x".to_owned(), 7))
+        );
+        assert!(decode_task_key(b"q\0\0\0\x09ab").is_err());
     }
 
     #[test]

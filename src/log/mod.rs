@@ -104,6 +104,40 @@ pub struct ObjectState {
     pub state: Vec<u8>,
 }
 
+/// A change to the durable tasks (pending back-end work), written in the same batch as the
+/// entries of its append, so a task and the entries it belongs to never disagree after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskOp {
+    /// A task in `queue` for the entry at index `entry` of this append, holding `value`;
+    /// only written when that entry is stored (not a duplicate).
+    Add {
+        /// The queue (tasks of one queue are read in `added` order).
+        queue: String,
+        /// Index of the entry in the append.
+        entry: usize,
+        /// The caller's bytes.
+        value: Vec<u8>,
+    },
+    /// Removes the task of `queue` for the entry at `added`.
+    Done {
+        /// The queue.
+        queue: String,
+        /// The entry's position.
+        added: u64,
+    },
+}
+
+/// A stored task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    /// Its queue.
+    pub queue: String,
+    /// Position of the entry it belongs to.
+    pub added: u64,
+    /// The bytes given with `TaskOp::Add`.
+    pub value: Vec<u8>,
+}
+
 /// Called after the flush and before the `CommitListener`, with this request's outcomes.
 pub type DurableHook = Box<dyn FnOnce(&[AppendOutcome]) + Send>;
 
@@ -297,6 +331,16 @@ impl Log {
         entries: Vec<Entry>,
         hook: Option<DurableHook>,
     ) -> Result<Vec<AppendOutcome>, LogError> {
+        self.append_with_tasks(entries, Vec::new(), hook).await
+    }
+
+    /// Like `append`, with task changes written in the same crash-atomic batch.
+    pub async fn append_with_tasks(
+        &self,
+        entries: Vec<Entry>,
+        tasks: Vec<TaskOp>,
+        hook: Option<DurableHook>,
+    ) -> Result<Vec<AppendOutcome>, LogError> {
         if let Some(reason) = self.inner.shared.poison_reason() {
             return Err(LogError::Poisoned(reason));
         }
@@ -310,6 +354,7 @@ impl Log {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = Request {
             entries,
+            tasks,
             hook,
             reply,
         };
@@ -440,6 +485,72 @@ impl Log {
         sources.push(shared.index_positions(&target_head(TargetKind::Client), client, from, upto));
         sources.push(shared.index_positions(&target_head(TargetKind::Node), node, from, upto));
         shared.load(MergeAscending::new(sources), limit)
+    }
+
+    /// The tasks of `queue` in `added` order, at most `limit`.
+    pub fn tasks(&self, queue: &str, limit: usize) -> Result<Vec<Task>, LogError> {
+        let mut tasks = Vec::new();
+        for item in self
+            .inner
+            .shared
+            .db
+            .scan_prefix(keys::task_queue_prefix(queue))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let (queue, added) = keys::decode_task_key(&key)?;
+            tasks.push(Task {
+                queue,
+                added,
+                value: value.to_vec(),
+            });
+        }
+        Ok(tasks)
+    }
+
+    /// Every queue that holds tasks, with its oldest task's position.
+    pub fn task_queues(&self) -> Result<Vec<(String, u64)>, LogError> {
+        let db = &self.inner.shared.db;
+        let mut queues = Vec::new();
+        let mut from = vec![keys::TASK_PREFIX];
+        loop {
+            let Some(item) = db.range(from.clone()..).next() else {
+                break;
+            };
+            let (key, _) = item?;
+            if key.first() != Some(&keys::TASK_PREFIX) {
+                break;
+            }
+            let (queue, added) = keys::decode_task_key(&key)?;
+            // Continue after every key of this queue.
+            from = keys::task_key(&queue, u64::MAX);
+            from.push(0);
+            queues.push((queue, added));
+        }
+        Ok(queues)
+    }
+
+    /// Stored entries with `added > after`, oldest first, at most `limit`.
+    pub fn entries_after(&self, after: u64, limit: usize) -> Result<Vec<Arc<Entry>>, LogError> {
+        let head = self.head();
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        if from > head {
+            return Ok(Vec::new());
+        }
+        let mut entries = Vec::new();
+        for item in self
+            .inner
+            .shared
+            .db
+            .range(entry_key(from)..=entry_key(head))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            entries.push(Arc::new(decode_entry(&key, &value)?));
+        }
+        Ok(entries)
     }
 
     /// Reads a small persistent string value (server node id and the like).

@@ -1,8 +1,10 @@
 //! The single writer task: it owns the `added` counter and turns queued appends into group
 //! commits (one sled batch and one flush for many requests).
 
-use super::keys::{entry_key, id_key, index_keys, last_added_key, state_key, ADDED_LEN_BYTES};
-use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer};
+use super::keys::{
+    entry_key, id_key, index_keys, last_added_key, state_key, task_key, ADDED_LEN_BYTES,
+};
+use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer, TaskOp};
 use crate::action::Entry;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,6 +19,8 @@ pub(super) type Reply = oneshot::Sender<Result<Vec<AppendOutcome>, LogError>>;
 pub(super) struct Request {
     /// The entries to store, in the caller's order.
     pub(super) entries: Vec<Entry>,
+    /// Task changes written with the entries.
+    pub(super) tasks: Vec<TaskOp>,
     /// Called with the outcomes after the flush, before the commit listener.
     pub(super) hook: Option<DurableHook>,
     /// Where the outcomes go.
@@ -40,6 +44,8 @@ const FLUSH_QUEUE_GROUPS_MAX: usize = 4;
 struct Applied {
     staged: Vec<Staged>,
     stored: Vec<Arc<Entry>>,
+    /// True when the batch wrote anything (entries or tasks) and must be flushed.
+    wrote: bool,
     last_added: u64,
     started: std::time::Instant,
 }
@@ -60,7 +66,7 @@ impl Flusher {
             }
             let failure = if let Some(reason) = self.shared.poison_reason() {
                 Some(reason)
-            } else if groups.iter().any(|group| !group.stored.is_empty()) {
+            } else if groups.iter().any(|group| group.wrote) {
                 // One flush makes every group applied so far durable.
                 match super::flush(&self.shared.db).await {
                     Ok(()) => None,
@@ -95,6 +101,7 @@ impl Flusher {
             stored,
             last_added,
             started,
+            ..
         } = group;
         if !stored.is_empty() {
             self.listener.flushed(stored.len(), started.elapsed());
@@ -118,6 +125,31 @@ impl Flusher {
             let _ = request.reply.send(request.result);
         }
     }
+}
+
+/// Adds one successful request's task changes to `batch`; returns how many it wrote. A task
+/// is only created for an entry stored by this request, never for a duplicate.
+fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut sled::Batch) -> usize {
+    let mut written = 0;
+    for task in tasks {
+        match task {
+            TaskOp::Add {
+                queue,
+                entry,
+                value,
+            } => {
+                if let Some(AppendOutcome::Appended(added)) = outcomes.get(entry) {
+                    batch.insert(task_key(&queue, *added), value);
+                    written += 1;
+                }
+            }
+            TaskOp::Done { queue, added } => {
+                batch.remove(task_key(&queue, added));
+                written += 1;
+            }
+        }
+    }
+    written
 }
 
 /// State of the writer task.
@@ -193,6 +225,7 @@ impl Writer {
         let mut group_states = HashMap::new();
         let mut stored = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
+        let mut task_ops = 0;
         for request in group {
             let result = self.stage(
                 request.entries,
@@ -201,6 +234,9 @@ impl Writer {
                 &mut batch,
                 &mut stored,
             );
+            if let Ok(outcomes) = &result {
+                task_ops += stage_tasks(request.tasks, outcomes, &mut batch);
+            }
             staged.push(Staged {
                 result,
                 hook: request.hook,
@@ -210,7 +246,8 @@ impl Writer {
 
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
-        if !stored.is_empty() {
+        let wrote = !stored.is_empty() || task_ops > 0;
+        if wrote {
             batch.insert(last_added_key(), &last_added.to_be_bytes());
             if let Err(error) = self.shared.db.apply_batch(batch) {
                 let reason = error.to_string();
@@ -226,6 +263,7 @@ impl Writer {
         let applied = Applied {
             staged,
             stored,
+            wrote,
             last_added,
             started,
         };

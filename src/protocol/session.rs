@@ -345,6 +345,22 @@ impl Session {
         self.fail(ProtocolError::WrongCredentials)
     }
 
+    /// The back-end refused the client's subprotocol: `wrong-subprotocol` naming ours, then
+    /// close. Answers nothing unless an authentication is running.
+    pub fn auth_wrong_subprotocol(&mut self) -> Vec<Output> {
+        if self.state != State::Authenticating {
+            return Vec::new();
+        }
+        let used = self
+            .remote
+            .as_ref()
+            .map_or(json!(0), |remote| json!(remote.subprotocol));
+        self.fail(ProtocolError::WrongSubprotocol {
+            supported: self.config.subprotocol,
+            used,
+        })
+    }
+
     fn handle_authenticated(&mut self, message: Message) -> Vec<Output> {
         match message {
             Message::Ping => vec![Output::Frame(

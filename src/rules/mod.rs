@@ -10,11 +10,12 @@
 pub mod auth;
 mod pattern;
 
-use crate::config::{Access, Config, ConfigError};
+use crate::config::{Access, Config, ConfigError, Hook, RuleHooks};
 use crate::crdt::ReducerKind;
 use pattern::{ChannelPattern, Template, TypeSelector};
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Outcome of a `logux/subscribe`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +141,7 @@ enum ChannelAccess {
 struct ChannelCheck {
     pattern: ChannelPattern,
     access: ChannelAccess,
+    hooks: Arc<RuleHooks>,
 }
 
 /// Who may add actions of one type.
@@ -156,6 +158,7 @@ enum TypeAccess {
 struct TypeCheck {
     access: TypeAccess,
     resend: Vec<Template>,
+    hooks: Arc<RuleHooks>,
 }
 
 impl Rules {
@@ -185,7 +188,11 @@ impl Rules {
                     )))
                 }
             };
-            channels.push(ChannelCheck { pattern, access });
+            channels.push(ChannelCheck {
+                pattern,
+                access,
+                hooks: Arc::new(rule.hooks.clone()),
+            });
         }
 
         let mut exact_types = HashMap::new();
@@ -226,7 +233,11 @@ impl Rules {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let check = TypeCheck { access, resend };
+            let check = TypeCheck {
+                access,
+                resend,
+                hooks: Arc::new(rule.hooks.clone()),
+            };
             match selector {
                 TypeSelector::Exact(action_type) => {
                     exact_types.insert(action_type, check);
@@ -427,6 +438,31 @@ impl Rules {
             }
         }
         ActionDecision::Allowed { channels }
+    }
+
+    /// The back-end hooks of the type rule that decides `action_type`, when it has any.
+    pub fn type_hooks(&self, action_type: &str) -> Option<Arc<RuleHooks>> {
+        self.type_rule(action_type)
+            .map(|rule| &rule.hooks)
+            .filter(|hooks| !hooks.hooks.is_empty())
+            .cloned()
+    }
+
+    /// The back-end hooks of the channel rule that decides `channel`, when it has any.
+    pub fn channel_hooks(&self, channel: &str) -> Option<Arc<RuleHooks>> {
+        self.channels
+            .iter()
+            .find(|rule| rule.pattern.matches(channel, None).is_some())
+            .map(|rule| &rule.hooks)
+            .filter(|hooks| !hooks.hooks.is_empty())
+            .cloned()
+    }
+
+    /// True when some channel rule has the `events` hook.
+    pub fn has_event_hooks(&self) -> bool {
+        self.channels
+            .iter()
+            .any(|rule| rule.hooks.has(Hook::Events))
     }
 
     /// The rule for `action_type`: exact, else the longest prefix, else the fallback.
@@ -760,6 +796,7 @@ resend = ["room/{room}", "n/{n}", "b/{b}", "room/{room}", "{channel}", "gone/{mi
         config.channels = vec![ChannelRule {
             pattern: "users/:id".into(),
             access: Access::Field("id".into()),
+            hooks: Default::default(),
         }];
         assert!(Rules::new(&config).is_err());
         config.channels[0].access = Access::Param("user".into());
@@ -770,6 +807,7 @@ resend = ["room/{room}", "n/{n}", "b/{b}", "room/{room}", "{channel}", "gone/{mi
             action_type: "t".into(),
             access: Access::Param("id".into()),
             resend: vec![],
+            hooks: Default::default(),
         }];
         assert!(Rules::new(&config).is_err());
         config.types[0].access = Access::Anyone;

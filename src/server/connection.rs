@@ -61,6 +61,8 @@ enum AuthResult {
     Admitted(Option<HeavyPermit>),
     /// Wrong credentials.
     Denied,
+    /// The back-end's auth hook refused the client's subprotocol.
+    WrongSubprotocol,
     /// The client waited too long: close without an error so it simply retries.
     NotAdmitted,
 }
@@ -298,6 +300,38 @@ async fn kicked(handle: Option<&ConnHandle>) {
     }
 }
 
+/// Authentication by the back-end's `auth` hook: `Ok(true)` allowed, `Ok(false)` wrong
+/// credentials; a back-end without an answer closes the socket without an error (the client
+/// retries), never `wrong-credentials`, which would stop it for good.
+async fn hook_auth(
+    backend: &crate::backend::Backend,
+    request: &AuthRequest,
+    peer: &Peer,
+) -> Result<bool, AuthResult> {
+    use crate::backend::{Decision, HookContext};
+    use crate::config::Hook;
+    let context = HookContext {
+        ids: &request.ids,
+        subprotocol: request.subprotocol,
+        peer: Some(peer),
+    };
+    let mut body = context.body(
+        Hook::Auth,
+        &backend.config.auth_headers,
+        &backend.config.auth_cookies,
+    );
+    body.insert("token".into(), serde_json::json!(request.token));
+    match backend
+        .decide(Hook::Auth, &serde_json::Value::Object(body))
+        .await
+    {
+        Ok(Decision::Allowed) => Ok(true),
+        Ok(Decision::Denied | Decision::NotFound) => Ok(false),
+        Ok(Decision::WrongSubprotocol) => Err(AuthResult::WrongSubprotocol),
+        Err(_) => Err(AuthResult::NotAdmitted),
+    }
+}
+
 async fn auth_result(auth: &mut Option<oneshot::Receiver<AuthResult>>) -> AuthResult {
     match auth {
         Some(receiver) => receiver.await.unwrap_or(AuthResult::NotAdmitted),
@@ -416,17 +450,28 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         let server = self.server.clone();
         let addr = self.peer.addr;
+        let peer = self.peer.clone();
         tokio::spawn(async move {
             let delay = server.bruteforce.delay_for(addr, server.clock.now_ms());
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
             let now = server.clock.now_ms();
-            let ok = server.auth.check(
-                request.ids.user_id.as_deref(),
-                request.token.as_deref(),
-                now,
-            );
+            let verdict = match server.backend.as_ref().filter(|b| b.config.auth) {
+                Some(backend) => hook_auth(backend, &request, &peer).await,
+                None => Ok(server.auth.check(
+                    request.ids.user_id.as_deref(),
+                    request.token.as_deref(),
+                    now,
+                )),
+            };
+            let ok = match verdict {
+                Ok(ok) => ok,
+                Err(result) => {
+                    let _ = tx.send(result);
+                    return;
+                }
+            };
             let result = if ok {
                 let heavy = server.admission.is_heavy(request.synced, server.log.head());
                 match server.admission.admit(heavy).await {
@@ -446,6 +491,11 @@ impl Connection {
     async fn finish_auth(&mut self, result: AuthResult) {
         let permit = match result {
             AuthResult::Admitted(permit) => permit,
+            AuthResult::WrongSubprotocol => {
+                let outputs = self.session.auth_wrong_subprotocol();
+                self.execute(outputs).await;
+                return;
+            }
             AuthResult::Denied => {
                 tracing::info!(addr = %self.peer.addr, transport = self.peer.transport, "authentication failed");
                 let outputs = self.session.auth_failed();
@@ -470,7 +520,8 @@ impl Connection {
         let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
         let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
-        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit);
+        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit)
+            .with_client(self.peer.clone(), remote.subprotocol);
         self.worker = Some(tokio::spawn(worker.run(jobs_rx)));
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);

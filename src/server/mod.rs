@@ -8,6 +8,8 @@ pub mod objects;
 pub mod pipeline;
 
 use crate::action::Entry;
+use crate::backend::process::ProcessQueues;
+use crate::backend::Backend;
 use crate::clock::Clock;
 use crate::config::{Config, Env};
 use crate::log::{CommitListener, Log, LogError, LogOptions};
@@ -18,6 +20,7 @@ use crate::rules::Rules;
 use hub::Hub;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
 /// Key of the persisted server node id in the log's settings.
 const NODE_ID_SETTING: &str = "server_node_id";
@@ -67,6 +70,12 @@ pub struct Server {
     pub clock: Arc<dyn Clock>,
     /// Settings for every protocol session.
     pub session_config: Arc<SessionConfig>,
+    /// The back-end hook client, when `[backend]` is configured.
+    pub backend: Option<Arc<Backend>>,
+    /// Clients whose `process` tasks are being worked on.
+    pub process_queues: ProcessQueues,
+    /// Woken after every group commit (the events dispatcher waits on it).
+    pub events_wake: Arc<Notify>,
     /// State of the server's own action id generator: last ms and sequence.
     id_state: Mutex<(i64, u64)>,
     /// Set when shutdown starts.
@@ -87,6 +96,7 @@ impl std::fmt::Debug for Server {
 struct Committed {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    events_wake: Arc<Notify>,
 }
 
 impl CommitListener for Committed {
@@ -98,6 +108,7 @@ impl CommitListener for Committed {
                 .set(i64::try_from(last.meta.added).unwrap_or(i64::MAX));
         }
         self.hub.committed(entries);
+        self.events_wake.notify_one();
     }
 
     fn flushed(&self, _entries: usize, elapsed: std::time::Duration) {
@@ -142,9 +153,11 @@ impl Server {
         let auth = Authenticator::new(&config.auth);
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
+        let events_wake = Arc::new(Notify::new());
         let listener = Arc::new(Committed {
             hub: hub.clone(),
             metrics: metrics.clone(),
+            events_wake: events_wake.clone(),
         });
         let log_error = |source| ServerError::Log {
             dir: config.data_dir.display().to_string(),
@@ -172,6 +185,10 @@ impl Server {
         };
         let id_seed = last_own_id(&log, &node_id).map_err(log_error)?;
         let admission = admission::Admission::start(&config.limits, metrics.clone());
+        let backend = config
+            .backend
+            .clone()
+            .map(|backend| Arc::new(Backend::new(backend, metrics.clone(), clock.clone())));
         let session_config = Arc::new(SessionConfig {
             server_node_id: node_id,
             development: config.env == Env::Development,
@@ -190,6 +207,9 @@ impl Server {
             metrics,
             clock,
             session_config,
+            backend,
+            process_queues: ProcessQueues::default(),
+            events_wake,
             id_state: Mutex::new(id_seed),
             shutting_down: AtomicBool::new(false),
             shutdown: tokio::sync::watch::channel(false).0,
@@ -227,7 +247,15 @@ impl Server {
         if head <= max {
             return Ok(0);
         }
-        self.log.remove_before(head - max + 1)
+        // Actions still waiting for their `process` answer are kept.
+        let oldest_task = self
+            .log
+            .task_queues()?
+            .into_iter()
+            .map(|(_, added)| added)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.log.remove_before((head - max + 1).min(oldest_task))
     }
 
     /// Runs retention every `RETENTION_INTERVAL_MS` until shutdown.

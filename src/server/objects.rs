@@ -110,7 +110,7 @@ fn matches_filter(fields: &Map<String, Value>, filter: Option<&Value>) -> bool {
 
 impl Worker {
     /// A server-created action that is sent, not stored.
-    fn unstored(&self, action: Value, time: i64) -> Arc<Entry> {
+    pub(super) fn unstored(&self, action: Value, time: i64) -> Arc<Entry> {
         let (id, _) = self.server.next_action_id();
         Arc::new(Entry {
             action,

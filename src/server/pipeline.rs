@@ -11,10 +11,13 @@
 //! on its own. A client's unrelated offline actions are not lost because one was denied.
 
 use super::admission::HeavyPermit;
+use super::connection::Peer;
 use super::hub::{ConnHandle, Outbound};
 use super::Server;
 use crate::action::{Entry, Meta};
-use crate::log::{AppendOutcome, DurableHook, LogError};
+use crate::backend::{self, Decision, HookContext};
+use crate::config::{Hook, RuleHooks};
+use crate::log::{AppendOutcome, DurableHook, LogError, TaskOp};
 use crate::protocol::{IncomingEntry, IncomingSync};
 use crate::rules::{ActionDecision, SubscribeDecision, SyncMapChannel, SyncMapOp};
 use serde_json::{json, Map, Value};
@@ -50,6 +53,10 @@ pub struct Worker {
     connect_synced: u64,
     /// A heavy resync's waiting-room slot, released once the connect catch-up is sent.
     heavy_permit: std::sync::Mutex<Option<HeavyPermit>>,
+    /// The connection's headers and cookies, for back-end hooks.
+    peer: Option<Peer>,
+    /// The client's application subprotocol, for back-end hooks.
+    subprotocol: u32,
 }
 
 impl Worker {
@@ -65,6 +72,23 @@ impl Worker {
             conn,
             connect_synced,
             heavy_permit: std::sync::Mutex::new(heavy_permit),
+            peer: None,
+            subprotocol: 0,
+        }
+    }
+
+    /// The connection and subprotocol back-end hooks are told about.
+    pub fn with_client(mut self, peer: Peer, subprotocol: u32) -> Worker {
+        self.peer = Some(peer);
+        self.subprotocol = subprotocol;
+        self
+    }
+
+    fn hook_context(&self) -> HookContext<'_> {
+        HookContext {
+            ids: &self.conn.ids,
+            subprotocol: self.subprotocol,
+            peer: self.peer.as_ref(),
         }
     }
 
@@ -151,6 +175,7 @@ impl Worker {
 
     async fn process(&self, received: Instant, sync: IncomingSync) -> Result<(), PipelineError> {
         let mut batch = Vec::new();
+        let mut tasks = Vec::new();
         let mut debug = Vec::new();
         let mut ids = HashSet::with_capacity(sync.entries.len());
         for incoming in sync.entries {
@@ -170,14 +195,18 @@ impl Worker {
                     .inc();
                 continue;
             }
-            self.judge(incoming, &mut batch, &mut debug).await?;
+            self.judge(incoming, &mut batch, &mut tasks, &mut debug)
+                .await?;
             if batch.len() >= APPEND_CHUNK_ENTRIES_MAX {
+                let chunk_tasks = std::mem::take(&mut tasks);
+                let hook = self.process_notifier(&chunk_tasks);
                 self.server
                     .log
-                    .append(std::mem::take(&mut batch), None)
+                    .append_with_tasks(std::mem::take(&mut batch), chunk_tasks, hook)
                     .await?;
             }
         }
+        let notify = self.process_notifier(&tasks);
         let conn = self.conn.clone();
         let added = sync.added;
         let metrics = self.server.metrics.clone();
@@ -193,6 +222,9 @@ impl Worker {
             metrics
                 .sync_latency
                 .observe(received.elapsed().as_secs_f64());
+            if let Some(notify) = notify {
+                notify(outcomes);
+            }
             conn.push(Outbound::Synced(added));
             for frame in debug {
                 conn.push(Outbound::Frame(frame));
@@ -201,9 +233,37 @@ impl Worker {
         if batch.is_empty() {
             hook(&[]);
         } else {
-            self.server.log.append(batch, Some(hook)).await?;
+            self.server
+                .log
+                .append_with_tasks(batch, tasks, Some(hook))
+                .await?;
         }
         Ok(())
+    }
+
+    /// A durable hook that starts this client's `process` loop once the tasks are stored.
+    fn process_notifier(&self, tasks: &[TaskOp]) -> Option<DurableHook> {
+        let created = tasks
+            .iter()
+            .filter(|task| matches!(task, TaskOp::Add { .. }))
+            .count();
+        if created == 0 {
+            return None;
+        }
+        let server = self.server.clone();
+        let queue = self.conn.ids.client_id.clone();
+        Some(Box::new(move |outcomes: &[AppendOutcome]| {
+            let stored = outcomes
+                .iter()
+                .filter(|outcome| matches!(outcome, AppendOutcome::Appended(_)))
+                .count()
+                .min(created);
+            server
+                .metrics
+                .process_pending
+                .add(i64::try_from(stored).unwrap_or(i64::MAX));
+            backend::process::notify(&server, &queue);
+        }))
     }
 
     /// Decides one action and adds what to store to `batch`: the action itself when it is
@@ -212,6 +272,7 @@ impl Worker {
         &self,
         incoming: IncomingEntry,
         batch: &mut Vec<Entry>,
+        tasks: &mut Vec<TaskOp>,
         debug: &mut Vec<String>,
     ) -> Result<(), PipelineError> {
         let IncomingEntry { entry, denied } = incoming;
@@ -245,6 +306,11 @@ impl Worker {
                 let user = self.conn.ids.user_id.as_deref();
                 match self.server.rules.check_action(&entry.action, user) {
                     ActionDecision::Allowed { channels } => {
+                        if let Some(rule) = self.server.rules.type_hooks(entry.action_type()) {
+                            self.hooked_action(entry, channels, &rule, batch, tasks, debug)
+                                .await;
+                            return Ok(());
+                        }
                         received.with_label_values(&["processed"]).inc();
                         // The action goes before its `logux/processed`, so subscribers get it
                         // before the author hears it was processed.
@@ -298,6 +364,18 @@ impl Worker {
             }
             SubscribeDecision::Allowed => {
                 let channel = channel.to_owned();
+                let is_sync_map = self.server.rules.sync_map_channel(&channel).is_some();
+                let hooks = if is_sync_map {
+                    None
+                } else {
+                    self.server.rules.channel_hooks(&channel)
+                };
+                if let Some(rule) = &hooks {
+                    if let Some(reason) = self.hook_access(rule, &entry).await {
+                        self.undo(entry, reason, batch, debug);
+                        return Ok(());
+                    }
+                }
                 let refused = match self.server.rules.sync_map_channel(&channel) {
                     Some(SyncMapChannel::Object { plural, .. }) => {
                         self.subscribe_sync_map_object(&channel, &plural, &entry.action)
@@ -316,7 +394,12 @@ impl Worker {
                             self.channel_catchup(&channel, entry.action.get("since"))
                                 .await?;
                         }
-                        None
+                        match &hooks {
+                            Some(rule) if rule.has(Hook::Load) => {
+                                self.hook_load(rule, &entry).await?
+                            }
+                            _ => None,
+                        }
                     }
                 };
                 match refused {
@@ -460,6 +543,114 @@ impl Worker {
         batch.push(stored);
         batch.push(processed);
         Ok(())
+    }
+
+    /// An action of a type rule with back-end hooks: `access`, then `resend`, then either a
+    /// durable `process` task or the usual `logux/processed`.
+    async fn hooked_action(
+        &self,
+        entry: Entry,
+        channels: Vec<String>,
+        rule: &RuleHooks,
+        batch: &mut Vec<Entry>,
+        tasks: &mut Vec<TaskOp>,
+        debug: &mut Vec<String>,
+    ) {
+        let received = &self.server.metrics.actions_received;
+        if let Some(reason) = self.hook_access(rule, &entry).await {
+            let label = match reason {
+                "notFound" => "not_found",
+                "denied" => "denied",
+                _ => "error",
+            };
+            received.with_label_values(&[label]).inc();
+            self.undo(entry, reason, batch, debug);
+            return;
+        }
+        let mut entry = entry;
+        entry.meta.channels = channels;
+        if rule.has(Hook::Resend) {
+            let Some(backend) = &self.server.backend else {
+                return self.undo(entry, "error", batch, debug);
+            };
+            let context = self.hook_context();
+            let body = context.action_body(Hook::Resend, rule, &entry);
+            match backend.resend(&body).await {
+                Ok(targets) => {
+                    entry.meta.channels = targets.channels;
+                    entry.meta.users = targets.users;
+                    entry.meta.clients = targets.clients;
+                    entry.meta.nodes = targets.nodes;
+                }
+                Err(_) => {
+                    received.with_label_values(&["error"]).inc();
+                    return self.undo(entry, "error", batch, debug);
+                }
+            }
+        }
+        received.with_label_values(&["processed"]).inc();
+        if rule.has(Hook::Process) {
+            let context = self.hook_context();
+            tasks.push(backend::process::task_for(
+                &self.server,
+                batch.len(),
+                &entry,
+                &context,
+                rule,
+            ));
+            batch.push(entry);
+        } else {
+            let processed = self.processed_for(&entry);
+            batch.push(entry);
+            batch.push(processed);
+        }
+    }
+
+    /// Asks the `access` hook when `rule` has it: `None` when allowed, else the undo reason
+    /// (`denied`, `notFound`, or `error` when the back-end gave no answer).
+    async fn hook_access(&self, rule: &RuleHooks, entry: &Entry) -> Option<&'static str> {
+        if !rule.has(Hook::Access) {
+            return None;
+        }
+        let Some(backend) = &self.server.backend else {
+            return Some("error");
+        };
+        let body = self.hook_context().action_body(Hook::Access, rule, entry);
+        match backend.decide(Hook::Access, &body).await {
+            Ok(Decision::Allowed) => None,
+            Ok(Decision::NotFound) => Some("notFound"),
+            Ok(Decision::Denied | Decision::WrongSubprotocol) => Some("denied"),
+            Err(_) => Some("error"),
+        }
+    }
+
+    /// Sends the `load` hook's actions to the new subscriber (not stored); `Some("error")`
+    /// when the back-end gave no answer.
+    async fn hook_load(
+        &self,
+        rule: &RuleHooks,
+        entry: &Entry,
+    ) -> Result<Option<&'static str>, PipelineError> {
+        let Some(backend) = &self.server.backend else {
+            return Ok(Some("error"));
+        };
+        let body = self.hook_context().action_body(Hook::Load, rule, entry);
+        let actions = match backend.load(&body).await {
+            Ok(actions) => actions,
+            Err(_) => return Ok(Some("error")),
+        };
+        if actions.is_empty() {
+            return Ok(None);
+        }
+        let now = self.server.clock.now_ms();
+        let page = actions
+            .into_iter()
+            .map(|action| self.unstored(action, now))
+            .collect();
+        self.send(Outbound::CatchupPending).await?;
+        self.send(Outbound::Catchup(page)).await?;
+        self.send(Outbound::CatchupDone).await?;
+        Ok(None)
     }
 
     fn debug_text(&self, text: &str) -> Option<String> {

@@ -271,6 +271,9 @@ impl Accepted {
             let observer = observer.clone();
             let slot = slot.clone();
             async move {
+                if super::api::is_api_path(request.uri().path()) {
+                    return Ok(super::api::handle(request, server).await);
+                }
                 if long_poll::is_long_poll_path(request.uri().path())
                     && !super::ws::is_upgrade(&request)
                 {

@@ -1,0 +1,113 @@
+//! The HTTP/1.1 client Ferry uses to call the back-end (hooks): pooled connections, a
+//! deadline per request and a cap on the answer's size.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+/// Idle pooled connections kept per back-end host.
+const POOL_IDLE_PER_HOST_MAX: usize = 32;
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT_MS: u64 = 30_000;
+
+/// Why a request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL or a header could not be used.
+    #[error("bad request: {0}")]
+    Request(String),
+    /// Connecting, sending or receiving failed.
+    #[error("network error: {0}")]
+    Network(String),
+    /// No complete answer within the deadline.
+    #[error("timed out")]
+    Timeout,
+    /// The answer was larger than allowed.
+    #[error("answer larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+/// A pooled HTTP/1.1 client; cheap to clone.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").finish_non_exhaustive()
+    }
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    /// A client with its own connection pool.
+    pub fn new() -> HttpClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
+            .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
+            .build(connector);
+        HttpClient { client }
+    }
+
+    /// POSTs `body` as JSON to `url` with extra `headers`; the status and body of the answer
+    /// within `timeout`, reading at most `body_max` bytes.
+    pub async fn post_json(
+        &self,
+        url: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        timeout: Duration,
+        body_max: usize,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|error| ClientError::Request(error.to_string()))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|error| ClientError::Request(error.to_string()))?;
+            builder = builder.header(name, value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| ClientError::Request(error.to_string()))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| ClientError::Network(error.to_string()))?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), body_max)
+                .collect()
+                .await
+                .map_err(|error| {
+                    if error.is::<http_body_util::LengthLimitError>() {
+                        ClientError::TooLarge(body_max)
+                    } else {
+                        ClientError::Network(error.to_string())
+                    }
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+}
