@@ -17,11 +17,11 @@ import { describe, test } from 'node:test'
 import { MemoryStore, WsConnection } from '@logux/core'
 import WebSocket from 'ws'
 
-import { ferryApi, ferryConfig, RETAIL_CHANNELS, RETAIL_TYPES, startBackend } from '../lib/backend.mjs'
-import { connectedClient, FAST_RECONNECT, TestClient, testClient } from '../lib/clients.mjs'
+import { ferryApi, ferryConfig, RETAIL_CHANNELS, RETAIL_TYPES, sign, startBackend } from '../lib/backend.mjs'
+import { connectedClient, TestClient, testClient } from '../lib/clients.mjs'
 import { EXTERNAL_SERVER, HOST, startServer } from '../lib/server.mjs'
 import { transports } from '../lib/transports.mjs'
-import { delay, settle, until, withTimeout } from '../lib/util.mjs'
+import { delay, settle, until } from '../lib/util.mjs'
 
 const SECRET = 'compat-backend-secret-0123456789abcdef'
 const WRONG_SECRET = 'compat-wrong-secret-fedcba9876543210'
@@ -499,7 +499,7 @@ describe('backend hooks: server API and signatures', () => {
   test(
     'd the server API refuses wrong signatures with 401 and stores nothing; a right one stores once',
     ONLY_FERRY,
-    scenario({}, async (t, { api, base }) => {
+    scenario({}, async (t, { api, srv }) => {
       let order = 9
       let action = {
         id: `order-${order}-paid`,
@@ -513,7 +513,7 @@ describe('backend hooks: server API and signatures', () => {
       let refusals = {
         'signed with another secret': await api('POST', '/api/v1/actions', body, { secret: WRONG_SECRET }),
         'a signature of another body': await api('POST', '/api/v1/actions', body, {
-          signature: (await import('../lib/backend.mjs')).sign(SECRET, Date.now(), '{"actions":[]}')
+          signature: sign(SECRET, Date.now(), '{"actions":[]}')
         }),
         'a timestamp 10 minutes old': await api('POST', '/api/v1/actions', body, { timestamp: Date.now() - 10 * 60_000 }),
         'a malformed signature': await api('POST', '/api/v1/actions', body, { signature: 'v1=zz' }),
@@ -530,7 +530,7 @@ describe('backend hooks: server API and signatures', () => {
       assert.deepEqual(await readChannel(api, `orders/${order}`), [], 'nothing was stored')
 
       // A subscriber sees what the API adds.
-      let c = await connectedClient(t, transports[0], new URL(base).port, { userId: '10' })
+      let c = await connectedClient(t, transports[0], srv.port, { userId: '10' })
       await c.subscribe(`orders/${order}`)
 
       let first = await api('POST', '/api/v1/actions', body)
@@ -714,7 +714,3 @@ describe('backend hooks: server API and signatures', () => {
     )
   )
 })
-
-// Keep the linters quiet about helpers kept for later scenarios.
-void FAST_RECONNECT
-void withTimeout

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod child;
 pub mod net;
 
