@@ -1483,4 +1483,36 @@ cors_origins = ["https://app.example", "http://localhost:5173", "*"]
             Err(ConfigError::Read { .. })
         ));
     }
+
+    #[test]
+    fn backend_hooks_are_checked_and_the_secret_is_masked() {
+        let backend =
+            "[backend]\nurl = \"http://127.0.0.1:4000/ferry/\"\nsecret = \"0123456789abcdef\"\n";
+        let rule = "[[types]]\ntype = \"order/buy\"\naccess = \"anyone\"\nhooks = [\"process\", \"access\"]\nheaders = [\"X-Device\"]\n";
+        let config = Config::from_toml_str(&format!("{backend}{rule}")).expect("valid");
+        let parsed = config.backend.as_ref().expect("backend");
+        assert_eq!(parsed.url, "http://127.0.0.1:4000/ferry");
+        assert_eq!(
+            parsed.process_deadline_ms,
+            BACKEND_PROCESS_DEADLINE_MS_DEFAULT
+        );
+        assert!(!format!("{parsed:?}").contains("0123456789abcdef"));
+        let hooks = &config.types[0].hooks;
+        assert!(hooks.has(Hook::Process) && hooks.has(Hook::Access) && !hooks.has(Hook::Resend));
+        assert_eq!(hooks.headers, vec!["x-device"]);
+
+        let e = err(rule);
+        assert!(e.contains("[backend]"), "{e}");
+        let e = err(&format!(
+            "{backend}{}",
+            rule.replace("\"access\"]", "\"load\"]")
+        ));
+        assert!(e.contains("\"load\"") && e.contains("order/buy"), "{e}");
+        let e = err(&backend.replace("0123456789abcdef", "short"));
+        assert!(e.contains("backend.secret"), "{e}");
+        let e = err(&backend.replace("http://", "https://"));
+        assert!(e.contains("backend.url"), "{e}");
+        let e = err(&format!("{backend}timeout_ms = 0\n"));
+        assert!(e.contains("timeout_ms"), "{e}");
+    }
 }

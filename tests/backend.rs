@@ -496,7 +496,7 @@ async fn the_api_adds_actions_once_per_id_reads_channels_and_refuses_wrong_crede
     assert_eq!(page["actions"][0]["action"]["status"], "paid");
     assert_eq!(
         page["actions"][0]["meta"]["id"],
-        "0 server:api order-7-paid"
+        "0 server:api:order-7-paid 0"
     );
     let (status, _) = api(
         ferry.port,

@@ -165,9 +165,10 @@ impl ServerAction {
     }
 
     /// The Logux action id of a caller id: the same caller id always gives the same action
-    /// id, so the log stores it once.
+    /// id, so the log stores it once. It has the usual `"<ms> <node> <seq>"` shape (the
+    /// caller id is part of the node), so the wire codec and clients read it like any id.
     pub fn logux_id(caller_id: &str) -> String {
-        format!("0 {API_NODE_ID} {caller_id}")
+        format!("0 {API_NODE_ID}:{caller_id} 0")
     }
 
     /// The log entry for this action, created now.
@@ -491,7 +492,15 @@ mod tests {
         }))
         .expect("valid");
         assert_eq!(ok.channels, vec!["orders/7"]);
-        assert_eq!(ServerAction::logux_id(&ok.id), "0 server:api order-7-paid");
+        assert_eq!(
+            ServerAction::logux_id(&ok.id),
+            "0 server:api:order-7-paid 0"
+        );
+        let parsed = crate::action::ActionId::parse(&ServerAction::logux_id(&ok.id));
+        assert_eq!(
+            parsed.map(|id| id.node),
+            Some("server:api:order-7-paid".to_owned())
+        );
         for bad in [
             json!({"action": {"type": "a"}}),
             json!({"id": "has space", "action": {"type": "a"}}),

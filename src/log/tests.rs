@@ -588,3 +588,64 @@ fn open_outside_a_runtime_fails_without_panicking() {
     );
     assert!(matches!(result, Err(LogError::Closed)));
 }
+
+#[tokio::test]
+async fn tasks_are_stored_with_their_entry_only_when_it_is_new_and_survive_reopening() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    let add = |entry: usize| TaskOp::Add {
+        queue: "10:a".to_owned(),
+        entry,
+        value: b"v".to_vec(),
+    };
+    log.append_with_tasks(vec![entry("1 a 0"), entry("2 a 0")], vec![add(1)], None)
+        .await
+        .expect("append");
+    // A re-sent entry is a duplicate: it gets no second task.
+    log.append_with_tasks(vec![entry("2 a 0")], vec![add(0)], None)
+        .await
+        .expect("append");
+    log.append_with_tasks(vec![entry("3 a 0")], vec![add(0)], None)
+        .await
+        .expect("append");
+    let tasks = log.tasks("10:a", 10).expect("tasks");
+    assert_eq!(
+        tasks.iter().map(|task| task.added).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+    assert_eq!(tasks[0].value, b"v");
+    assert_eq!(log.tasks("10:b", 10).expect("tasks"), Vec::new());
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(
+        log.task_queues().expect("queues"),
+        vec![("10:a".to_owned(), 2)]
+    );
+    // Finishing a task and storing its answer is one write.
+    log.append_with_tasks(
+        vec![entry("4 server 0")],
+        vec![TaskOp::Done {
+            queue: "10:a".to_owned(),
+            added: 2,
+        }],
+        None,
+    )
+    .await
+    .expect("append");
+    assert_eq!(
+        log.tasks("10:a", 10)
+            .expect("tasks")
+            .iter()
+            .map(|task| task.added)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(
+        log.entries_after(2, 10)
+            .expect("entries")
+            .iter()
+            .map(|entry| entry.meta.added)
+            .collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    log.close().await.expect("close");
+}
