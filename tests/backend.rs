@@ -609,3 +609,72 @@ async fn events_reach_the_backend_in_order_at_least_once_and_resume_after_restar
     ferry.kill();
     backend.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_process_call_holds_up_only_that_action() {
+    let handler: Handler = Arc::new(|call: &Call| match call.hook.as_str() {
+        "process" if call.body["action"]["order"] == 10 => {
+            (200, json!({"result": "processed", "delay_ms": 1500}))
+        }
+        "process" => (200, json!({"result": "processed"})),
+        _ => ok(),
+    });
+    let backend = TestBackend::start(handler).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &backend.url(), "");
+    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (mut slow, _) = connect(ferry.port, "10:slow:1").await.expect("connect");
+    let (mut other, _) = connect(ferry.port, "11:other:1").await.expect("connect");
+    send(&mut slow, buy(10, 1)).await;
+    read_until(&mut slow, Duration::from_secs(5), |f| {
+        f.iter().any(|f| f[0] == "synced")
+    })
+    .await;
+    // While the back-end sits on order 10: the same client's pings, another client's
+    // hooked and plain actions are all answered.
+    send(&mut slow, json!(["ping", 1])).await;
+    let frames = read_until(&mut slow, Duration::from_secs(2), |f| {
+        f.iter().any(|f| f[0] == "pong")
+    })
+    .await;
+    assert!(frames.iter().any(|f| f[0] == "pong"), "{frames:?}");
+    send(&mut other, buy(11, 1)).await;
+    send(
+        &mut other,
+        json!(["sync", 2, {"type": "order/note", "text": "x"}, {"id": 2, "time": 2}]),
+    )
+    .await;
+    let frames = read_until(&mut other, Duration::from_secs(2), |f| {
+        actions(f)
+            .iter()
+            .filter(|a| is_type(a, "logux/processed"))
+            .count()
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        actions(&frames)
+            .iter()
+            .filter(|a| is_type(a, "logux/processed"))
+            .count(),
+        2,
+        "{frames:?}"
+    );
+    assert!(
+        !has_action(
+            &read_until(&mut slow, Duration::from_millis(10), |_| false).await,
+            |a| { is_type(a, "logux/processed") }
+        ),
+        "order 10 is still with the back-end"
+    );
+    let frames = read_until(&mut slow, Duration::from_secs(10), |f| {
+        has_action(f, |a| is_type(a, "logux/processed"))
+    })
+    .await;
+    assert!(
+        has_action(&frames, |a| is_type(a, "logux/processed")),
+        "{frames:?}"
+    );
+    ferry.kill();
+    backend.stop();
+}

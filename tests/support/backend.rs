@@ -143,7 +143,16 @@ async fn answer(
     if !signature_ok {
         return (401, json!({"error": "wrong signature"}));
     }
-    handler(&call)
+    let (status, mut body) = handler(&call);
+    // `"delay_ms"` in an answer makes the back-end slow: it waits, then answers without it.
+    if let Some(delay) = body
+        .as_object_mut()
+        .and_then(|body| body.remove("delay_ms"))
+    {
+        let delay = delay.as_u64().unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
+    (status, body)
 }
 
 /// The `[backend]` section for a back-end at `url`, with fast retries.
