@@ -122,7 +122,8 @@ async fn a_full_disk_stops_acknowledging_and_keeps_what_was_acknowledged() {
     );
     let server_log = std::fs::read_to_string(&log_file).unwrap_or_default();
     assert!(
-        server_log.contains("log write failed"),
+        // sled reports ENOSPC from `apply_batch` or from the flush, depending on timing.
+        server_log.contains("log write failed") || server_log.contains("log flush failed"),
         "the server log says why:\n{server_log}"
     );
     assert!(text.contains("ferry_log_poisoned 1"), "metrics:\n{text}");
