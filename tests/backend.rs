@@ -52,6 +52,15 @@ fn write_config(dir: &Path, backend_url: &str, extra_backend: &str) -> std::path
     path
 }
 
+/// A test back-end with `handler` and a Ferry using it (`extra` goes into `[backend]`).
+async fn start(handler: Handler, extra: &str) -> (TestBackend, tempfile::TempDir, Ferry) {
+    let backend = TestBackend::start(handler).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &backend.url(), extra);
+    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    (backend, dir, ferry)
+}
+
 async fn send(socket: &mut Socket, frame: Value) {
     socket
         .send(Message::text(frame.to_string()))
@@ -132,10 +141,7 @@ async fn process_is_retried_until_the_backend_answers_and_its_actions_reach_the_
         }
         _ => ok(),
     });
-    let backend = TestBackend::start(handler).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(handler, "").await;
     let (mut socket, _) = connect(ferry.port, "10:buyer:1").await.expect("connect");
     send(&mut socket, buy(1, 1)).await;
     let frames = read_until(&mut socket, Duration::from_secs(10), |frames| {
@@ -245,10 +251,7 @@ async fn a_failed_process_and_a_passed_deadline_become_undo() {
         "process" => (500, json!({})),
         _ => ok(),
     });
-    let backend = TestBackend::start(handler).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "process_deadline_ms = 600");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(handler, "process_deadline_ms = 600").await;
     let (mut socket, _) = connect(ferry.port, "10:buyer:1").await.expect("connect");
     send(&mut socket, buy(3, 1)).await;
     send(&mut socket, buy(4, 2)).await;
@@ -295,10 +298,7 @@ async fn access_resend_and_load_hooks_decide_for_the_rules_that_name_them() {
         ),
         _ => ok(),
     });
-    let backend = TestBackend::start(handler).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(handler, "").await;
     let (mut reader, _) = connect(ferry.port, "20:reader:1").await.expect("connect");
     let subscribe = |channel: &str, id: i64| json!(["sync", id, {"type": "logux/subscribe", "channel": channel}, {"id": id, "time": id}]);
     send(&mut reader, subscribe("orders/666", 1)).await;
@@ -359,10 +359,7 @@ async fn the_auth_hook_decides_who_connects() {
         "auth" if call.body["token"] == "flaky" => (500, json!({})),
         _ => (200, json!({"result": "denied"})),
     });
-    let backend = TestBackend::start(handler).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "auth = true");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(handler, "auth = true").await;
     let answer = |token: &'static str| async move {
         let stream = TcpStream::connect(("127.0.0.1", ferry.port))
             .await
@@ -424,10 +421,7 @@ fn signed(body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_adds_actions_once_per_id_reads_channels_and_refuses_wrong_credentials() {
-    let backend = TestBackend::start(Arc::new(|_: &Call| ok())).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(Arc::new(|_: &Call| ok()), "").await;
     let (mut reader, _) = connect(ferry.port, "10:buyer:1").await.expect("connect");
     send(
         &mut reader,
@@ -619,10 +613,7 @@ async fn a_slow_process_call_holds_up_only_that_action() {
         "process" => (200, json!({"result": "processed"})),
         _ => ok(),
     });
-    let backend = TestBackend::start(handler).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path(), &backend.url(), "");
-    let ferry = Ferry::start(&dir.path().join("data"), &config).await;
+    let (backend, _dir, ferry) = start(handler, "").await;
     let (mut slow, _) = connect(ferry.port, "10:slow:1").await.expect("connect");
     let (mut other, _) = connect(ferry.port, "11:other:1").await.expect("connect");
     send(&mut slow, buy(10, 1)).await;

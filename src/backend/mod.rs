@@ -125,28 +125,14 @@ impl ServerAction {
                     .is_some_and(|t| !t.is_empty())
             })
             .ok_or("\"action\" must be an object with a non-empty string \"type\"")?;
-        let names = |key: &str| -> Result<Vec<String>, String> {
-            match object.get(key) {
-                None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|item| match item.as_str() {
-                        Some(name) if !name.is_empty() && !name.contains('\0') => {
-                            Ok(name.to_owned())
-                        }
-                        _ => Err(format!("\"{key}\" must hold non-empty strings")),
-                    })
-                    .collect(),
-                Some(_) => Err(format!("\"{key}\" must be an array of strings")),
-            }
-        };
+        let targets = Targets::parse(value)?;
         Ok(ServerAction {
             id: id.to_owned(),
             action: action.clone(),
-            channels: names("channels")?,
-            users: names("users")?,
-            clients: names("clients")?,
-            nodes: names("nodes")?,
+            channels: targets.channels,
+            users: targets.users,
+            clients: targets.clients,
+            nodes: targets.nodes,
         })
     }
 
@@ -426,9 +412,10 @@ pub struct Targets {
 }
 
 impl Targets {
-    fn parse(answer: &Value) -> Result<Targets, String> {
+    /// Reads `channels`, `users`, `clients` and `nodes` (each optional) of an object.
+    fn parse(object: &Value) -> Result<Targets, String> {
         let names = |key: &str| -> Result<Vec<String>, String> {
-            match answer.get(key) {
+            match object.get(key) {
                 None | Some(Value::Null) => Ok(Vec::new()),
                 Some(Value::Array(items)) => items
                     .iter()
@@ -439,7 +426,7 @@ impl Targets {
                             .ok_or_else(|| format!("\"{key}\" must hold non-empty strings"))
                     })
                     .collect(),
-                Some(_) => Err(format!("\"{key}\" must be an array")),
+                Some(_) => Err(format!("\"{key}\" must be an array of strings")),
             }
         };
         Ok(Targets {
