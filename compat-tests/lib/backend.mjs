@@ -138,6 +138,7 @@ const HOOKS = ['auth', 'access', 'resend', 'load', 'process', 'events']
  *   tokens           {userId: token} the `auth` hook accepts
  *   loadActions      (action, body) => [...] the `load` hook's actions
  *   resend           (action, body) => {...} the `resend` hook's answer
+ *   slowOrders       Map order → ms: `process` of that order answers after a pause
  */
 export async function startBackend(opts = {}) {
   let { secret, basePath = '/ferry', port = 0, apiAuth = 'hmac', writeStatus = true } = opts
@@ -154,7 +155,8 @@ export async function startBackend(opts = {}) {
     delayMs: {},
     tokens: {},
     loadActions: null,
-    resend: null
+    resend: null,
+    slowOrders: new Map()
   }
 
   let state = {
@@ -314,6 +316,8 @@ export async function startBackend(opts = {}) {
       if (done) return { body: done }
 
       let order = action.order
+      let slow = behaviour.slowOrders.get(order)
+      if (slow) await delay(slow)
       let clientId = body.client_id
       let target = { channels: [`orders/${order}`], users: [], clients: clientId ? [clientId] : [], nodes: [] }
       if (behaviour.outOfStock.has(order)) {

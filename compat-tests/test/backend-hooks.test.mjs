@@ -225,6 +225,7 @@ for (const transport of transports) {
           ['logux/processed'],
           'one logux/processed and no undo'
         )
+        assert.equal(statuses(c, 1, 'paid')[0].meta.id, '0 server:api:order-1-paid 0', 'the Logux id of an API action')
 
         let calls = backend.processCalls(1)
         assert.equal(calls.length, 3, 'two failures, then the success')
@@ -526,6 +527,30 @@ for (const transport of transports) {
     )
 
     test(
+      'm a slow back-end holds up only that client’s order: another client’s order and plain actions go on',
+      ONLY_FERRY,
+      scenario(
+        { types: [{ ...RETAIL_TYPES[0], hooks: ['process'] }, ...RETAIL_TYPES.slice(1)] },
+        async (t, { backend, srv }) => {
+          backend.behaviour.slowOrders.set(20, 1500)
+          let a = await connectedClient(t, transport, srv.port, { userId: '10' })
+          let b = await connectedClient(t, transport, srv.port, { userId: '20' })
+          let done = []
+          let slow = a.sync({ type: 'order/buy', order: 20, item: 'slow' }, {}, 20_000).then(() => done.push('a slow'))
+          await until(() => backend.processCalls(20).length === 1, { what: 'the slow call to start' })
+          await a.sync({ type: 'room/message', room: 'side', text: 'not held up' })
+          done.push('a plain')
+          await b.sync({ type: 'order/buy', order: 21, item: 'fast' }, {}, 20_000)
+          done.push('b fast')
+          await slow
+          assert.deepEqual(done, ['a plain', 'b fast', 'a slow'])
+          assert.equal(backend.processCalls(20).length, 1, 'the slow call was not repeated (within timeout_ms)')
+          assert.equal(a.client.state, 'synchronized')
+        }
+      )
+    )
+
+    test(
       'k actions added by the server API reach clients under their stored Logux id, the same on every connection',
       ONLY_FERRY,
       scenario({}, async (t, { srv, api }) => {
@@ -608,7 +633,7 @@ describe('backend hooks: server API and signatures', () => {
       assert.equal(stored.length, 1, 'stored once')
       assert.deepEqual(stored[0].action, action.action)
       assert.equal(stored[0].added, first.body.results[0].added)
-      assert.match(stored[0].meta.id, /^\d+ \S+:api order-9-paid$/, 'the stored id carries the caller id')
+      assert.equal(stored[0].meta.id, '0 server:api:order-9-paid 0', 'the Logux id of an API action')
       let bearerRead = await api('GET', `/api/v1/channel?name=orders/${order}&since=0&limit=10`, undefined, {
         auth: 'bearer'
       })
@@ -617,6 +642,7 @@ describe('backend hooks: server API and signatures', () => {
       await c.waitReceived('order/status', 1)
       await delay(300)
       assert.equal(statuses(c, order).length, 1, 'the subscriber got it once')
+      assert.equal(c.received('order/status')[0].meta.id, stored[0].meta.id, 'the client has the stored id')
 
       let missing = await api('GET', '/api/v1/state?key=nothing/here')
       assert.equal(missing.status, 404, missing.text)

@@ -144,25 +144,29 @@ async fn run_queue(server: Arc<Server>, queue: String) {
         .remove(&queue);
 }
 
-/// Calls the back-end for one task until it is finished; false when the loop must stop
-/// (shutdown, or the log refuses writes).
+/// Calls the back-end for one task until it is finished; false when the loop must pause and
+/// read its queue again (shutdown, or the log failed).
 async fn run_task(server: &Arc<Server>, task: Task) -> bool {
     let Some(backend) = server.backend.clone() else {
         return false;
     };
     let entry = match server.log.entry_at(task.added) {
         Ok(Some(entry)) => entry,
-        Ok(None) => {
+        Ok(None) if task.added <= server.log.head() => {
             tracing::warn!(
                 added = task.added,
                 "the action of a process task is gone (retention); dropping the task"
             );
             return finish(server, &task, Vec::new()).await;
         }
+        Ok(None) => {
+            // Not durable yet (`tasks` never returns such tasks; kept as a safety net): the
+            // loop pauses and reads the queue again, keeping the order.
+            return false;
+        }
         Err(error) => {
             tracing::error!(%error, "reading a process task's action failed");
-            sleep_or_shutdown(server, Duration::from_millis(LOG_RETRY_MS)).await;
-            return !server.is_shutting_down();
+            return false;
         }
     };
     let saved: Value = serde_json::from_slice(&task.value).unwrap_or(Value::Null);

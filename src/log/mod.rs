@@ -487,18 +487,25 @@ impl Log {
         shared.load(MergeAscending::new(sources), limit)
     }
 
-    /// The tasks of `queue` in `added` order, at most `limit`.
+    /// The durable tasks of `queue` in `added` order, at most `limit`. A task whose batch is
+    /// applied but not yet flushed is not returned (its entry is not readable yet either).
     pub fn tasks(&self, queue: &str, limit: usize) -> Result<Vec<Task>, LogError> {
+        let head = self.head();
         let mut tasks = Vec::new();
         for item in self
             .inner
             .shared
             .db
             .scan_prefix(keys::task_queue_prefix(queue))
-            .take(limit)
         {
+            if tasks.len() >= limit {
+                break;
+            }
             let (key, value) = item?;
             let (queue, added) = keys::decode_task_key(&key)?;
+            if added > head {
+                break;
+            }
             tasks.push(Task {
                 queue,
                 added,
