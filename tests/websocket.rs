@@ -99,3 +99,36 @@ async fn shutdown_closes_connected_clients() {
     server.stop().await;
     assert_eq!(next_text(&mut socket).await, None);
 }
+
+#[tokio::test]
+async fn a_frame_sent_right_behind_the_upgrade_request_is_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Running::start(1 << 20).await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    // The upgrade request and a masked `connect` text frame in one write, before the 101:
+    // the server must keep the bytes its HTTP layer already read.
+    let payload = br#"["connect",5,"10:early:1",0]"#;
+    let mask = [1u8, 2, 3, 4];
+    let mut bytes = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec();
+    bytes.push(0x81);
+    bytes.push(0x80 | u8::try_from(payload.len()).expect("short payload"));
+    bytes.extend_from_slice(&mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    stream.write_all(&bytes).await.expect("write");
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !String::from_utf8_lossy(&seen).contains("\"connected\"") {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&buffer[..n]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("\"connected\""), "{text}");
+    server.stop().await;
+}

@@ -103,7 +103,8 @@ impl Worker {
                 permit.take();
             }
             catchup?;
-            while let Some((received, sync, budget)) = jobs.recv().await {
+            while let Some(job) = jobs.recv().await {
+                let (received, sync, budget) = *job;
                 Box::pin(self.process(received, sync)).await?;
                 drop(budget);
             }

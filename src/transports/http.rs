@@ -20,6 +20,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long an HTTP connection may take to send its request headers.
 pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Accepted connections whose first HTTP request is being read at once. Each holds hyper's
+/// read buffer (8-16 KiB) until then; in a reconnect storm thousands of sockets arrive
+/// together, and without this bound those buffers, not the connections, set the memory
+/// peak. Connections beyond it wait (accepted, with no buffer) for their turn.
+pub const HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 
 /// True when the request's `Origin` may open a WebSocket: no allow-list, no `Origin`
 /// header (not a browser), or an origin on the list.
@@ -176,6 +181,7 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
 pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: ServeOptions) {
     let long_poll = LongPoll::new(server.clone(), options.peer_observer.clone());
     let permits = Arc::new(Semaphore::new(server.config.limits.connections_max));
+    let first_requests = Arc::new(Semaphore::new(HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX));
     let addresses = Arc::new(AddressCounts::default());
     let per_address_max = server.config.limits.connections_per_address_max;
     let tls = match &server.config.tls {
@@ -220,6 +226,7 @@ pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: Ser
             remote,
             over_limit,
             slot,
+            first_requests: first_requests.clone(),
         };
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -249,6 +256,8 @@ struct Accepted {
     remote: SocketAddr,
     over_limit: bool,
     slot: Slot,
+    /// Bounds the connections reading their first request (`HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX`).
+    first_requests: Arc<Semaphore>,
 }
 
 impl Accepted {
@@ -264,8 +273,16 @@ impl Accepted {
             remote,
             over_limit,
             slot,
+            first_requests,
         } = self;
+        // Held until the first request's head is read; the semaphore is never closed.
+        let first_request = Arc::new(std::sync::Mutex::new(
+            first_requests.acquire_owned().await.ok(),
+        ));
         let service = service_fn(move |request: Request<Incoming>| {
+            if let Ok(mut permit) = first_request.lock() {
+                permit.take();
+            }
             let server = server.clone();
             let long_poll = long_poll.clone();
             let observer = observer.clone();

@@ -7,9 +7,15 @@ use crate::server::Server;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::upgrade::Parts;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -18,7 +24,7 @@ use tokio_tungstenite::WebSocketStream;
 
 /// Initial read buffer per connection; tungstenite's 128 KiB default costs over 1 GiB at
 /// 10,000 connections. It grows for large frames.
-pub const WS_READ_BUFFER_BYTES: usize = 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 512;
 /// Bytes gathered before a write reaches the socket (frames are flushed per batch anyway).
 pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
@@ -48,7 +54,6 @@ pub fn upgrade(
         return super::http::plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
     };
     let accept = derive_accept_key(key.as_bytes());
-    let frame_bytes_max = server.config.limits.frame_bytes_max;
     tokio::spawn(async move {
         // The connection counts against `connections_max` and the per-address limit for as
         // long as this task runs.
@@ -60,30 +65,32 @@ pub fn upgrade(
                 return;
             }
         };
-        let config = WebSocketConfig::default()
-            .read_buffer_size(WS_READ_BUFFER_BYTES)
-            .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-            .max_write_buffer_size(frame_bytes_max.saturating_mul(2).max(1 << 20))
-            .max_message_size(Some(frame_bytes_max))
-            .max_frame_size(Some(frame_bytes_max));
-        let socket =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
-                .await;
-        let (sink, stream) = socket.split();
-        // A close frame or a read error ends the stream; control frames are skipped.
-        let incoming = stream
-            .map(move |message| step(message, frame_bytes_max))
-            .take_while(|step| std::future::ready(!matches!(step, Step::End)))
-            .filter_map(|step| async move {
-                match step {
-                    Step::Frame(inbound) => Some(inbound),
-                    Step::Skip | Step::End => None,
+        // Take the socket back from hyper: its 8 KiB HTTP read buffer would otherwise stay
+        // allocated for the connection's lifetime (shared by the upgrade's leftover bytes),
+        // which is most of an idle connection's memory.
+        // The connection future is boxed once here, so this task's own state stays small.
+        let connection: Pin<Box<dyn Future<Output = ()> + Send>> =
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(Parts { io, read_buf, .. }) => {
+                    let read = read_buf.to_vec();
+                    drop(read_buf);
+                    Box::pin(serve_socket(io.into_inner(), read, server, peer))
                 }
-            });
-        let incoming = Box::pin(incoming);
-        let outgoing =
-            sink.with(|frame: String| async move { Ok::<_, WsError>(Message::Text(frame.into())) });
-        connection::run(server, incoming, Box::pin(outgoing), peer).await;
+                Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                    Ok(Parts { io, read_buf, .. }) => {
+                        let read = read_buf.to_vec();
+                        drop(read_buf);
+                        Box::pin(serve_socket(io.into_inner(), read, server, peer))
+                    }
+                    Err(upgraded) => Box::pin(serve_socket(
+                        TokioIo::new(upgraded),
+                        Vec::new(),
+                        server,
+                        peer,
+                    )),
+                },
+            };
+        connection.await;
     });
     let mut response = Response::new(String::new());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -95,6 +102,46 @@ pub fn upgrade(
     }
     response
 }
+
+/// Runs the Logux connection over an upgraded socket; `read` holds bytes the HTTP layer read
+/// past the upgrade request.
+async fn serve_socket<T>(io: T, read: Vec<u8>, server: Arc<Server>, peer: Peer)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let frame_bytes_max = server.config.limits.frame_bytes_max;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(frame_bytes_max.saturating_mul(2).max(1 << 20))
+        .max_message_size(Some(frame_bytes_max))
+        .max_frame_size(Some(frame_bytes_max));
+    let socket = if read.is_empty() {
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await
+    } else {
+        WebSocketStream::from_partially_read(io, read, Role::Server, Some(config)).await
+    };
+    let (sink, stream) = socket.split();
+    // A close frame or a read error ends the stream; control frames are skipped.
+    let incoming = stream
+        .map(move |message| step(message, frame_bytes_max))
+        .take_while(|step| std::future::ready(!matches!(step, Step::End)))
+        .filter_map(|step| async move {
+            match step {
+                Step::Frame(inbound) => Some(inbound),
+                Step::Skip | Step::End => None,
+            }
+        });
+    // Type-erased, so that the connection code is compiled once for every socket type.
+    let incoming: IncomingFrames = Box::pin(incoming);
+    let outgoing: OutgoingFrames = Box::pin(
+        sink.with(|frame: String| async move { Ok::<_, WsError>(Message::Text(frame.into())) }),
+    );
+    connection::run(server, incoming, outgoing, peer).await;
+}
+
+type IncomingFrames = std::pin::Pin<Box<dyn futures_util::Stream<Item = Inbound> + Send>>;
+type OutgoingFrames = std::pin::Pin<Box<dyn futures_util::Sink<String, Error = WsError> + Send>>;
 
 /// One read from the socket, as the connection sees it.
 enum Step {
