@@ -261,6 +261,8 @@ pub struct BackendConfig {
     pub auth_headers: Vec<String>,
     /// Cookies sent with the auth hook.
     pub auth_cookies: Vec<String>,
+    /// PEM roots trusted for an `https://` back-end instead of the built-in Mozilla roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for BackendConfig {
@@ -577,14 +579,18 @@ struct RawBackend {
     auth_headers: Vec<String>,
     #[serde(default)]
     auth_cookies: Vec<String>,
+    ca_file: Option<PathBuf>,
 }
 
 impl RawBackend {
     fn into_backend(self) -> Result<BackendConfig, ConfigError> {
-        let Some(rest) = self.url.strip_prefix("http://") else {
+        let Some(rest) = self
+            .url
+            .strip_prefix("http://")
+            .or_else(|| self.url.strip_prefix("https://"))
+        else {
             return Err(ConfigError::Invalid(format!(
-                "backend.url: {:?} must start with http:// (put a TLS proxy in front of an \
-                 https back-end)",
+                "backend.url: {:?} must start with http:// or https://",
                 self.url
             )));
         };
@@ -648,6 +654,7 @@ impl RawBackend {
             events_batch_max: usize::try_from(events).unwrap_or(usize::MAX),
             auth_headers: lowercase(self.auth_headers),
             auth_cookies: self.auth_cookies,
+            ca_file: self.ca_file,
         })
     }
 }
@@ -1510,7 +1517,7 @@ cors_origins = ["https://app.example", "http://localhost:5173", "*"]
         assert!(e.contains("\"load\"") && e.contains("order/buy"), "{e}");
         let e = err(&backend.replace("0123456789abcdef", "short"));
         assert!(e.contains("backend.secret"), "{e}");
-        let e = err(&backend.replace("http://", "https://"));
+        let e = err(&backend.replace("http://", "ftp://"));
         assert!(e.contains("backend.url"), "{e}");
         let e = err(&format!("{backend}timeout_ms = 0\n"));
         assert!(e.contains("timeout_ms"), "{e}");

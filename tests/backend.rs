@@ -669,3 +669,52 @@ async fn a_slow_process_call_holds_up_only_that_action() {
     ferry.kill();
     backend.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_backend_is_called_when_its_certificate_is_trusted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+    let cert = dir.path().join("backend-cert.pem");
+    let key = dir.path().join("backend-key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    let acceptor = ferry::transports::tls::acceptor(&cert, &key).expect("acceptor");
+    let handler: Handler = Arc::new(|call: &Call| match call.hook.as_str() {
+        "process" => (200, json!({"result": "processed"})),
+        _ => ok(),
+    });
+    let backend = TestBackend::start_tls(handler, acceptor).await;
+    let url = format!("https://localhost:{}/ferry", backend.addr.port());
+    for (trusted, name) in [(true, "trusted"), (false, "untrusted")] {
+        let extra = if trusted {
+            format!("ca_file = \"{}\"", cert.display())
+        } else {
+            String::new()
+        };
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).expect("dir");
+        let config = write_config(&sub, &url, &extra);
+        let ferry = Ferry::start(&sub.join("data"), &config).await;
+        let (mut socket, _) = connect(ferry.port, "10:buyer:1").await.expect("connect");
+        send(&mut socket, buy(1, 1)).await;
+        let frames = read_until(&mut socket, Duration::from_secs(3), |frames| {
+            has_action(frames, |a| is_type(a, "logux/processed"))
+        })
+        .await;
+        // A self-signed back-end is refused without `ca_file`: the task waits, nothing is
+        // sent to an unverified server.
+        assert_eq!(
+            has_action(&frames, |a| is_type(a, "logux/processed")),
+            trusted,
+            "{name}: {frames:?}"
+        );
+        ferry.kill();
+    }
+    assert_eq!(
+        backend.calls_of("process").len(),
+        1,
+        "only the trusting Ferry got through"
+    );
+    backend.stop();
+}

@@ -17,6 +17,7 @@ use crate::config::{BackendConfig, Hook, RuleHooks};
 use crate::metrics::Metrics;
 use crate::server::connection::Peer;
 use crate::transports::http_client::HttpClient;
+use crate::transports::tls::TlsError;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,15 +263,20 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    /// A hook client for `config`.
-    pub fn new(config: BackendConfig, metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> Backend {
-        Backend {
+    /// A hook client for `config`; fails when its `ca_file` is unusable.
+    pub fn new(
+        config: BackendConfig,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Backend, TlsError> {
+        let tls = crate::transports::tls::client_config(config.ca_file.as_deref())?;
+        Ok(Backend {
             permits: Semaphore::new(config.concurrency_max),
             config,
-            client: HttpClient::new(),
+            client: HttpClient::new(tls),
             metrics,
             clock,
-        }
+        })
     }
 
     /// POSTs `body` to `url/<hook>`, signed; the JSON object of a `200` answer.

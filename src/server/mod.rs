@@ -46,6 +46,9 @@ pub enum ServerError {
     /// The rules in the configuration are invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The back-end client could not be set up (`[backend] ca_file`).
+    #[error("[backend]: {0}")]
+    Backend(String),
 }
 
 /// Everything the connections share.
@@ -185,10 +188,13 @@ impl Server {
         };
         let id_seed = last_own_id(&log, &node_id).map_err(log_error)?;
         let admission = admission::Admission::start(&config.limits, metrics.clone());
-        let backend = config
-            .backend
-            .clone()
-            .map(|backend| Arc::new(Backend::new(backend, metrics.clone(), clock.clone())));
+        let backend = match config.backend.clone() {
+            Some(backend) => Some(Arc::new(
+                Backend::new(backend, metrics.clone(), clock.clone())
+                    .map_err(|error| ServerError::Backend(error.to_string()))?,
+            )),
+            None => None,
+        };
         let session_config = Arc::new(SessionConfig {
             server_node_id: node_id,
             development: config.env == Env::Development,

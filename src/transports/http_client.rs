@@ -1,14 +1,16 @@
-//! The HTTP/1.1 client Ferry uses to call the back-end (hooks): pooled connections, a
-//! deadline per request and a cap on the answer's size.
+//! The HTTP/1.1 client Ferry uses to call the back-end (hooks): `http://` and `https://`
+//! (rustls), pooled connections, a deadline per request and a cap on the answer's size.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
+use tokio_rustls::rustls::ClientConfig;
 
 /// Idle pooled connections kept per back-end host.
 const POOL_IDLE_PER_HOST_MAX: usize = 32;
@@ -35,7 +37,7 @@ pub enum ClientError {
 /// A pooled HTTP/1.1 client; cheap to clone.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -44,17 +46,17 @@ impl std::fmt::Debug for HttpClient {
     }
 }
 
-impl Default for HttpClient {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl HttpClient {
-    /// A client with its own connection pool.
-    pub fn new() -> HttpClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
+    /// A client with its own connection pool; `tls` is used for `https://` URLs.
+    pub fn new(tls: ClientConfig) -> HttpClient {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
             .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))

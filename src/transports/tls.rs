@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 /// Why TLS could not be set up.
@@ -64,4 +64,37 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsErr
         .with_single_cert(certificates, key)
         .map_err(|error| TlsError::Invalid(error.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS settings Ferry uses as a client (the back-end hooks): the roots in the PEM file
+/// `ca_file` only, or the Mozilla roots compiled in (webpki-roots) without one.
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = read(path)?;
+            let certificates: Vec<CertificateDer<'static>> =
+                rustls_pemfile::certs(&mut pem.as_slice())
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| TlsError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+            if certificates.is_empty() {
+                return Err(TlsError::NoCertificate(path.display().to_string()));
+            }
+            for certificate in certificates {
+                roots
+                    .add(certificate)
+                    .map_err(|error| TlsError::Invalid(error.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsError::Invalid(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }

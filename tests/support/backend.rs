@@ -45,6 +45,19 @@ impl TestBackend {
     }
 
     pub async fn start_on(port: u16, handler: Handler) -> TestBackend {
+        TestBackend::serve(port, handler, None).await
+    }
+
+    /// Like `start`, over TLS with `acceptor`.
+    pub async fn start_tls(handler: Handler, acceptor: tokio_rustls::TlsAcceptor) -> TestBackend {
+        TestBackend::serve(0, handler, Some(acceptor)).await
+    }
+
+    async fn serve(
+        port: u16,
+        handler: Handler,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestBackend {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind test back-end");
@@ -58,6 +71,7 @@ impl TestBackend {
                 };
                 let handler = handler.clone();
                 let recorded = recorded.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
                         let handler = handler.clone();
@@ -71,9 +85,21 @@ impl TestBackend {
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    match tls {
+                        None => {
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
                 });
             }
         });
