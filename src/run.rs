@@ -29,6 +29,9 @@ pub enum RunError {
     /// The TLS certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] crate::transports::tls::TlsError),
+    /// The pipeline runtime could not start.
+    #[error("cannot start the pipeline runtime: {0}")]
+    Runtime(std::io::Error),
     /// The log could not be flushed at shutdown.
     #[error("flushing the log at shutdown failed: {0}")]
     Flush(#[from] crate::log::LogError),
@@ -42,13 +45,57 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let listener =
         crate::transports::http::bind(addr).map_err(|source| RunError::Bind { addr, source })?;
-    let server = Server::open(config, Arc::new(SystemClock), None)?;
+    let pipeline = match config.limits.pipeline_threads {
+        0 => None,
+        threads => Some(PipelineRuntime::start(threads).map_err(RunError::Runtime)?),
+    };
+    let server = Server::open_with_pipeline(
+        config,
+        Arc::new(SystemClock),
+        None,
+        pipeline.as_ref().map(|runtime| runtime.handle.clone()),
+    )?;
     let local = listener.local_addr().unwrap_or(addr);
     if server.config.demo {
         tracing::warn!("running with the built-in DEMO rules: any user may use any channel and any action type. Pass --config ferry.toml for real rules");
     }
     tracing::info!(addr = %local, node = server.node_id(), data_dir = %server.config.data_dir.display(), "ferry listening");
-    serve_until(listener, server, shutdown).await
+    let result = serve_until(listener, server, shutdown).await;
+    if let Some(pipeline) = pipeline {
+        pipeline.stop();
+    }
+    result
+}
+
+/// The separate runtime of the action pipeline and the log writer (`limits.pipeline_threads`).
+/// It lives on a thread of its own, so that it is never dropped inside async code.
+struct PipelineRuntime {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PipelineRuntime {
+    fn start(threads: usize) -> std::io::Result<PipelineRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("ferry-pipeline")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("ferry-pipeline-owner".to_owned())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+                runtime.shutdown_timeout(Duration::from_millis(SHUTDOWN_DRAIN_MS));
+            })?;
+        Ok(PipelineRuntime { handle, stop })
+    }
+
+    /// Stops the runtime after the log was closed (its tasks are done by then).
+    fn stop(self) {
+        let _ = self.stop.send(());
+    }
 }
 
 /// Serves on an already bound listener until `shutdown` resolves (tests use port 0).

@@ -528,7 +528,7 @@ impl Connection {
         let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
         let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit)
             .with_client(self.peer.clone(), remote.subprotocol);
-        self.worker = Some(tokio::spawn(worker.run(jobs_rx)));
+        self.worker = Some(self.server.spawn_pipeline(worker.run(jobs_rx)));
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);
         self.jobs = Some(jobs_tx);

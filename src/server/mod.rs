@@ -79,6 +79,9 @@ pub struct Server {
     pub process_queues: ProcessQueues,
     /// Woken after every group commit (the events dispatcher waits on it).
     pub events_wake: Arc<Notify>,
+    /// The runtime of the pipeline workers and the log writer, when it is separate from the
+    /// connections' (`limits.pipeline_threads`).
+    pub pipeline: Option<tokio::runtime::Handle>,
     /// State of the server's own action id generator: last ms and sequence.
     id_state: Mutex<(i64, u64)>,
     /// Set when shutdown starts.
@@ -152,6 +155,16 @@ impl Server {
         clock: Arc<dyn Clock>,
         node_id: Option<String>,
     ) -> Result<Arc<Server>, ServerError> {
+        Server::open_with_pipeline(config, clock, node_id, None)
+    }
+
+    /// Like `open`; pipeline workers and the log writer run on `pipeline` when given.
+    pub fn open_with_pipeline(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        node_id: Option<String>,
+        pipeline: Option<tokio::runtime::Handle>,
+    ) -> Result<Arc<Server>, ServerError> {
         let rules = Rules::new(&config)?;
         let auth = Authenticator::new(&config.auth);
         let metrics = Arc::new(Metrics::new());
@@ -166,6 +179,8 @@ impl Server {
             dir: config.data_dir.display().to_string(),
             source,
         };
+        // The log's writer task starts on the pipeline runtime, when there is one.
+        let entered = pipeline.as_ref().map(tokio::runtime::Handle::enter);
         let log = Log::open_with_reducer(
             &config.data_dir,
             LogOptions::default(),
@@ -173,6 +188,7 @@ impl Server {
             Some(Arc::new(objects::ObjectReducer::new(rules.clone()))),
         )
         .map_err(log_error)?;
+        drop(entered);
         let node_id = match node_id {
             Some(node_id) => node_id,
             None => match log.get_setting(NODE_ID_SETTING).map_err(log_error)? {
@@ -216,6 +232,7 @@ impl Server {
             backend,
             process_queues: ProcessQueues::default(),
             events_wake,
+            pipeline,
             id_state: Mutex::new(id_seed),
             shutting_down: AtomicBool::new(false),
             shutdown: tokio::sync::watch::channel(false).0,
@@ -306,6 +323,17 @@ impl Server {
             .log_poisoned
             .set(i64::from(self.log.poison_reason().is_some()));
         metrics.render()
+    }
+
+    /// Spawns `future` on the pipeline runtime (or the current one without it).
+    pub fn spawn_pipeline<F>(&self, future: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.pipeline {
+            Some(runtime) => runtime.spawn(future),
+            None => tokio::spawn(future),
+        }
     }
 
     /// Resolves once shutdown started (at once if it already has).
