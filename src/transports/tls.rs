@@ -36,19 +36,24 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// The PEM certificates in `path`; at least one.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certificates: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificate(path.display().to_string()));
+    }
+    Ok(certificates)
+}
+
 /// A TLS acceptor for the PEM certificate chain and private key at these paths.
 pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsError> {
-    let cert_pem = read(cert_path)?;
-    let certificates: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut cert_pem.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|source| TlsError::Read {
-                path: cert_path.display().to_string(),
-                source,
-            })?;
-    if certificates.is_empty() {
-        return Err(TlsError::NoCertificate(cert_path.display().to_string()));
-    }
+    let certificates = read_certificates(cert_path)?;
     let key_pem = read(key_path)?;
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|source| TlsError::Read {
@@ -72,18 +77,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let pem = read(path)?;
-            let certificates: Vec<CertificateDer<'static>> =
-                rustls_pemfile::certs(&mut pem.as_slice())
-                    .collect::<Result<_, _>>()
-                    .map_err(|source| TlsError::Read {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-            if certificates.is_empty() {
-                return Err(TlsError::NoCertificate(path.display().to_string()));
-            }
-            for certificate in certificates {
+            for certificate in read_certificates(path)? {
                 roots
                     .add(certificate)
                     .map_err(|error| TlsError::Invalid(error.to_string()))?;
