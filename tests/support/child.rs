@@ -98,6 +98,16 @@ impl Ferry {
     }
 }
 
+/// A test that fails (panics) before `kill` or `terminate` must not leave the server running.
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub async fn connect(port: u16, node: &str) -> Option<(WebSocketStream<TcpStream>, i64)> {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     let (mut socket, _) =
