@@ -158,6 +158,28 @@ async fn assert_quiet(client: &mut TestClient, who: &str) {
     assert_eq!(extra, None, "{who} must receive nothing");
 }
 
+/// Stores a server action in `channel`, as a back-end would.
+async fn append_server_action(server: &TestServer, action: Value, channel: &str) {
+    let (id, time) = server.server.next_action_id();
+    server
+        .server
+        .log
+        .append(
+            vec![Entry::new(
+                action,
+                Meta {
+                    id,
+                    time,
+                    channels: vec![channel.to_owned()],
+                    ..Meta::default()
+                },
+            )],
+            None,
+        )
+        .await
+        .expect("append a server action");
+}
+
 fn subscribe(channel: &str) -> Value {
     json!({"type": "logux/subscribe", "channel": channel})
 }
@@ -267,24 +289,12 @@ async fn a_denied_subscription_gets_neither_history_nor_live_actions() {
     .await;
     assert_processed(&history, "user 20 writes to users/20");
     // A server-side action in a channel nobody may subscribe to.
-    let (id, time) = server.server.next_action_id();
-    server
-        .server
-        .log
-        .append(
-            vec![Entry::new(
-                json!({"type": "admin/announce", "topic": "secret"}),
-                Meta {
-                    id,
-                    time,
-                    channels: vec!["admin/secret".to_owned()],
-                    ..Meta::default()
-                },
-            )],
-            None,
-        )
-        .await
-        .expect("append a server action");
+    append_server_action(
+        &server,
+        json!({"type": "admin/announce", "topic": "secret"}),
+        "admin/secret",
+    )
+    .await;
 
     let mut ten = connect(&server, "10:aaa:tab", "good-10").await;
     let users = sync_one(
@@ -321,24 +331,12 @@ async fn a_denied_subscription_gets_neither_history_nor_live_actions() {
     )
     .await;
     assert_processed(&live, "user 20 writes again");
-    let (id, time) = server.server.next_action_id();
-    server
-        .server
-        .log
-        .append(
-            vec![Entry::new(
-                json!({"type": "admin/announce", "topic": "secret", "n": 2}),
-                Meta {
-                    id,
-                    time,
-                    channels: vec!["admin/secret".to_owned()],
-                    ..Meta::default()
-                },
-            )],
-            None,
-        )
-        .await
-        .expect("append a second server action");
+    append_server_action(
+        &server,
+        json!({"type": "admin/announce", "topic": "secret", "n": 2}),
+        "admin/secret",
+    )
+    .await;
     assert_quiet(&mut ten, "user 10 after denied subscriptions").await;
     assert_quiet(&mut twenty, "user 20").await;
 }

@@ -2,7 +2,7 @@
 //! to `url/events`, at least once, in log order, in batches. The cursor (the last `added`
 //! delivered) is saved after each accepted batch, so a restart resumes after it.
 
-use super::meta_json;
+use super::{meta_json, Backoff};
 use crate::action::Entry;
 use crate::config::Hook;
 use crate::server::Server;
@@ -114,20 +114,10 @@ async fn run(server: Arc<Server>) {
         }
         let count = events.len() as u64;
         let body = json!({"hook": Hook::Events.name(), "events": Value::Array(events)});
-        let mut delay = backend.config.process_retry_initial_ms;
-        loop {
-            match backend.call(Hook::Events, &body, None).await {
-                Ok(_) => break,
-                Err(_) => {
-                    let jitter = rand::random::<u64>() % (delay / 2 + 1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(delay / 2 + jitter + 1)) => {}
-                        _ = server.shut_down() => return,
-                    }
-                    delay = delay
-                        .saturating_mul(2)
-                        .min(backend.config.process_retry_max_ms);
-                }
+        let mut backoff = Backoff::new(&backend.config);
+        while backend.call(Hook::Events, &body, None).await.is_err() {
+            if !backoff.wait(&server).await {
+                return;
             }
         }
         server.metrics.events_delivered.inc_by(count);

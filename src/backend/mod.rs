@@ -195,6 +195,15 @@ impl HookContext<'_> {
         body.insert("client_id".into(), json!(self.ids.client_id));
         body.insert("node_id".into(), json!(self.ids.node_id));
         body.insert("subprotocol".into(), json!(self.subprotocol));
+        let (header_values, cookie_values) = self.forwarded(headers, cookies);
+        body.insert("headers".into(), header_values);
+        body.insert("cookies".into(), cookie_values);
+        body
+    }
+
+    /// The connection's headers and cookies named in `headers` and `cookies` (those it has),
+    /// as two JSON objects.
+    pub fn forwarded(&self, headers: &[String], cookies: &[String]) -> (Value, Value) {
         let mut header_values = Map::new();
         let mut cookie_values = Map::new();
         if let Some(peer) = self.peer {
@@ -209,9 +218,7 @@ impl HookContext<'_> {
                 }
             }
         }
-        body.insert("headers".into(), Value::Object(header_values));
-        body.insert("cookies".into(), Value::Object(cookie_values));
-        body
+        (Value::Object(header_values), Value::Object(cookie_values))
     }
 
     /// A hook body about one action under `rule`.
@@ -397,10 +404,38 @@ impl Backend {
         let answer = self.call(Hook::Process, body, Some(action_id)).await?;
         parse_process(&answer).map_err(HookError::Malformed)
     }
+}
 
-    /// The clock hooks are signed with.
-    pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
+/// Jittered exponential backoff between retries of a hook (`process`, `events`): half the
+/// delay plus a random part of the other half, doubled after each failure up to the maximum.
+pub struct Backoff {
+    delay_ms: u64,
+    max_ms: u64,
+}
+
+impl Backoff {
+    /// The backoff of `[backend]`'s `process_retry_initial_ms` / `process_retry_max_ms`.
+    pub fn new(config: &BackendConfig) -> Backoff {
+        Backoff {
+            delay_ms: config.process_retry_initial_ms,
+            max_ms: config.process_retry_max_ms,
+        }
+    }
+
+    /// Waits before the next attempt; false when shutdown started meanwhile.
+    pub async fn wait(&mut self, server: &crate::server::Server) -> bool {
+        let delay = self.delay_ms;
+        let jitter = rand::random::<u64>() % (delay / 2 + 1);
+        self.delay_ms = delay.saturating_mul(2).min(self.max_ms);
+        sleep_or_shutdown(server, Duration::from_millis(delay / 2 + jitter + 1)).await
+    }
+}
+
+/// Sleeps for `delay`; false when shutdown started first.
+pub async fn sleep_or_shutdown(server: &crate::server::Server, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => !server.is_shutting_down(),
+        _ = server.shut_down() => false,
     }
 }
 

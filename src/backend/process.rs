@@ -7,7 +7,7 @@
 //! the answer's actions, the `logux/processed` or `logux/undo`, and the task's removal in one
 //! append. Tasks survive restarts: `resume` starts a loop for every queue on disk.
 
-use super::{HookContext, ProcessAnswer, ServerAction};
+use super::{sleep_or_shutdown, Backoff, HookContext, ProcessAnswer, ServerAction};
 use crate::action::{Entry, Meta, NodeIds};
 use crate::config::{Hook, RuleHooks};
 use crate::log::{LogError, Task, TaskOp};
@@ -45,9 +45,7 @@ pub fn task_for(
     context: &HookContext<'_>,
     rule: &RuleHooks,
 ) -> TaskOp {
-    let body = context.body(Hook::Process, &rule.headers, &rule.cookies);
-    let headers = body.get("headers").cloned().unwrap_or(json!({}));
-    let cookies = body.get("cookies").cloned().unwrap_or(json!({}));
+    let (headers, cookies) = context.forwarded(&rule.headers, &rule.cookies);
     TaskOp::Add {
         queue: entry.author_client_id().to_owned(),
         entry: index,
@@ -190,7 +188,7 @@ async fn run_task(server: &Arc<Server>, task: Task) -> bool {
     body.insert("meta".into(), super::meta_json(&entry.meta));
     let body = Value::Object(body);
     let config = &backend.config;
-    let mut delay = config.process_retry_initial_ms;
+    let mut backoff = Backoff::new(config);
     loop {
         if server.is_shutting_down() {
             return false;
@@ -220,9 +218,7 @@ async fn run_task(server: &Arc<Server>, task: Task) -> bool {
                     answer
                 }
                 Err(_) => {
-                    let jitter = rand::random::<u64>() % (delay / 2 + 1);
-                    sleep_or_shutdown(server, Duration::from_millis(delay / 2 + jitter + 1)).await;
-                    delay = delay.saturating_mul(2).min(config.process_retry_max_ms);
+                    backoff.wait(server).await;
                     continue;
                 }
             }
@@ -294,12 +290,5 @@ async fn finish(server: &Arc<Server>, task: &Task, entries: Vec<Entry>) -> bool 
             tracing::error!(%error, "storing a process answer failed; the task stays");
             false
         }
-    }
-}
-
-async fn sleep_or_shutdown(server: &Server, delay: Duration) {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = server.shut_down() => {}
     }
 }

@@ -69,27 +69,18 @@ pub fn upgrade(
         // allocated for the connection's lifetime (shared by the upgrade's leftover bytes),
         // which is most of an idle connection's memory.
         // The connection future is boxed once here, so this task's own state stays small.
-        let connection: Pin<Box<dyn Future<Output = ()> + Send>> =
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(Parts { io, read_buf, .. }) => {
-                    let read = read_buf.to_vec();
-                    drop(read_buf);
-                    Box::pin(serve_socket(io.into_inner(), read, server, peer))
-                }
-                Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-                    Ok(Parts { io, read_buf, .. }) => {
-                        let read = read_buf.to_vec();
-                        drop(read_buf);
-                        Box::pin(serve_socket(io.into_inner(), read, server, peer))
-                    }
-                    Err(upgraded) => Box::pin(serve_socket(
-                        TokioIo::new(upgraded),
-                        Vec::new(),
-                        server,
-                        peer,
-                    )),
-                },
-            };
+        let connection = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => reclaimed(parts, server, peer),
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(parts) => reclaimed(parts, server, peer),
+                Err(upgraded) => Box::pin(serve_socket(
+                    TokioIo::new(upgraded),
+                    Vec::new(),
+                    server,
+                    peer,
+                )),
+            },
+        };
         connection.await;
     });
     let mut response = Response::new(String::new());
@@ -101,6 +92,20 @@ pub fn upgrade(
         headers.insert(SEC_WEBSOCKET_ACCEPT, value);
     }
     response
+}
+
+type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The connection over the socket hyper gave back, with the bytes hyper read past the upgrade
+/// request copied out so that hyper's read buffer is freed now.
+fn reclaimed<T>(parts: Parts<TokioIo<T>>, server: Arc<Server>, peer: Peer) -> Served
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Parts { io, read_buf, .. } = parts;
+    let read = read_buf.to_vec();
+    drop(read_buf);
+    Box::pin(serve_socket(io.into_inner(), read, server, peer))
 }
 
 /// Runs the Logux connection over an upgraded socket; `read` holds bytes the HTTP layer read
