@@ -36,13 +36,6 @@ resend = ["room/{room}"]
 subscribe_history_max = 1000000
 "#;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("free port")
-}
-
 pub struct Ferry {
     /// The process.
     pub child: Child,
@@ -54,31 +47,39 @@ impl Ferry {
         Ferry::start_logging(dir, config, None).await
     }
 
-    /// Starts ferry; with `log`, its output goes to that file at `warn` level and above.
+    /// Starts ferry on a port it picks itself (`--listen 127.0.0.1:0`, read back from its
+    /// "ferry listening" line), so that no other test's listener can take the port between
+    /// choosing it and binding it. With `log`, its output goes to that file at `warn` level
+    /// and above.
     pub async fn start_logging(dir: &Path, config: &Path, log: Option<&Path>) -> Ferry {
-        let port = free_port();
-        let (stdout, stderr) = match log.and_then(|path| std::fs::File::create(path).ok()) {
-            Some(file) => match file.try_clone() {
-                Ok(copy) => (Stdio::from(file), Stdio::from(copy)),
-                Err(_) => (Stdio::null(), Stdio::null()),
-            },
-            None => (Stdio::null(), Stdio::null()),
+        let file = log.and_then(|path| std::fs::File::create(path).ok());
+        let stderr = match file.as_ref().and_then(|file| file.try_clone().ok()) {
+            Some(copy) => Stdio::from(copy),
+            None => Stdio::null(),
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["serve", "--config"])
             .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
-            .env("FERRY_LOG", "warn")
+            .env("FERRY_LOG", "warn,ferry::run=info")
             .env("NO_COLOR", "1")
-            .stdout(stdout)
+            .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("spawn ferry");
-        let ferry = Ferry { child, port };
-        for _ in 0..200 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return ferry;
+        let stdout = child.stdout.take().expect("ferry stdout");
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || forward_output(stdout, file, port_tx));
+        let mut ferry = Ferry { child, port: 0 };
+        for _ in 0..400 {
+            match port_rx.try_recv() {
+                Ok(port) => {
+                    ferry.port = port;
+                    return ferry;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -96,6 +97,33 @@ impl Ferry {
             .status();
         self.child.wait().expect("wait for ferry")
     }
+}
+
+/// Reads ferry's stdout: sends the port of the "ferry listening" line, and copies every
+/// line to `file` when there is one (otherwise drops it), until ferry exits.
+fn forward_output(
+    stdout: std::process::ChildStdout,
+    mut file: Option<std::fs::File>,
+    port: std::sync::mpsc::Sender<u16>,
+) {
+    use std::io::{BufRead, Write};
+    for line in std::io::BufReader::new(stdout).lines() {
+        let Ok(line) = line else { return };
+        if line.contains("ferry listening") {
+            if let Some(found) = listening_port(&line) {
+                let _ = port.send(found);
+            }
+        }
+        if let Some(file) = file.as_mut() {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}
+
+/// The port in `addr=127.0.0.1:<port>` of a log line.
+fn listening_port(line: &str) -> Option<u16> {
+    let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+    addr.rsplit(':').next()?.parse().ok()
 }
 
 /// A test that fails (panics) before `kill` or `terminate` must not leave the server running.
