@@ -24,6 +24,16 @@ pub struct ActionId {
 impl ActionId {
     /// Parses `"<ms> <nodeId> <seq>"`. Returns `None` for anything else.
     pub fn parse(text: &str) -> Option<ActionId> {
+        let (ms, node, seq) = ActionId::parts(text)?;
+        Some(ActionId {
+            ms,
+            node: node.to_owned(),
+            seq,
+        })
+    }
+
+    /// Like `parse`, without copying the node id: `(ms, node, seq)`.
+    pub fn parts(text: &str) -> Option<(i64, &str, u64)> {
         let mut parts = text.split(' ');
         let ms = parts.next()?.parse::<i64>().ok()?;
         let node = parts.next()?;
@@ -31,11 +41,7 @@ impl ActionId {
         if node.is_empty() || parts.next().is_some() {
             return None;
         }
-        Some(ActionId {
-            ms,
-            node: node.to_owned(),
-            seq,
-        })
+        Some((ms, node, seq))
     }
 
     /// The client id part of the node id (`"<userId>:<random>"`, see `NodeIds`).

@@ -61,6 +61,41 @@ async fn a_sync_with_100000_actions_is_stored_and_every_action_is_processed() {
 }
 
 #[tokio::test]
+async fn back_to_back_syncs_share_group_commits_and_are_acknowledged_in_order() {
+    let server = TestServer::start(TEST_CONFIG);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    let commits_before = server.server.log.group_commits();
+    const SYNCS: u64 = 200;
+    for n in 1..=SYNCS {
+        client
+            .send(&format!(
+                r#"["sync",{n},{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}]"#
+            ))
+            .await;
+    }
+    let mut synced = Vec::new();
+    let mut processed = 0;
+    while processed < SYNCS || (synced.len() as u64) < SYNCS {
+        let frame = client.recv().await.expect("connection stays open");
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => synced.push(message[1].as_u64().expect("added")),
+            Some("sync") => processed += (message.as_array().map_or(0, Vec::len) as u64 - 2) / 2,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(synced, (1..=SYNCS).collect::<Vec<_>>(), "in the order sent");
+    assert_eq!(server.server.log.head(), 2 * SYNCS);
+    let commits = server.server.log.group_commits() - commits_before;
+    assert!(
+        commits < SYNCS / 2,
+        "{commits} group commits for {SYNCS} syncs: the worker waited for each one"
+    );
+}
+
+#[tokio::test]
 async fn a_socket_that_never_sends_connect_is_closed_after_the_handshake_timeout() {
     let config = format!("{TEST_CONFIG}\n[limits]\nhandshake_timeout_ms = 200\n");
     let server = TestServer::start(&config);

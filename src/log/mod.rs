@@ -141,6 +141,24 @@ pub struct Task {
 /// Called after the flush and before the `CommitListener`, with this request's outcomes.
 pub type DurableHook = Box<dyn FnOnce(&[AppendOutcome]) + Send>;
 
+/// An append queued by `Log::submit`; `outcomes` waits until it is durable (or failed).
+/// Awaiting `&mut` of it through `wait` does not consume it, so it can be raced safely.
+#[derive(Debug)]
+pub struct PendingAppend(tokio::sync::oneshot::Receiver<Result<Vec<AppendOutcome>, LogError>>);
+
+impl PendingAppend {
+    /// The outcomes, once the append is durable.
+    pub async fn outcomes(mut self) -> Result<Vec<AppendOutcome>, LogError> {
+        self.wait().await
+    }
+
+    /// Like `outcomes`, by reference: cancelling it loses nothing. Not to be called again
+    /// once it has returned.
+    pub async fn wait(&mut self) -> Result<Vec<AppendOutcome>, LogError> {
+        (&mut self.0).await.map_err(|_| LogError::Closed)?
+    }
+}
+
 /// Tunables of the log.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -341,6 +359,18 @@ impl Log {
         tasks: Vec<TaskOp>,
         hook: Option<DurableHook>,
     ) -> Result<Vec<AppendOutcome>, LogError> {
+        self.submit(entries, tasks, hook).await?.outcomes().await
+    }
+
+    /// Queues an append in the writer and returns as soon as it is queued, without waiting
+    /// for it to be durable. Appends are stored, and their hooks called, in the order they
+    /// were queued, so one caller may keep several in flight.
+    pub async fn submit(
+        &self,
+        entries: Vec<Entry>,
+        tasks: Vec<TaskOp>,
+        hook: Option<DurableHook>,
+    ) -> Result<PendingAppend, LogError> {
         if let Some(reason) = self.inner.shared.poison_reason() {
             return Err(LogError::Poisoned(reason));
         }
@@ -359,8 +389,7 @@ impl Log {
             reply,
         };
         sender.send(request).await.map_err(|_| LogError::Closed)?;
-        drop(sender);
-        answer.await.map_err(|_| LogError::Closed)?
+        Ok(PendingAppend(answer))
     }
 
     /// Highest durable `added`.

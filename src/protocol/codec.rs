@@ -4,7 +4,7 @@
 //! (the `end` of `connected`). Short id forms are used only for the sender's own node id.
 
 use crate::action::{ActionId, Entry};
-use serde_json::{json, Map, Number, Value};
+use serde_json::{Number, Value};
 
 /// The largest integer a JavaScript client represents exactly (2^53 - 1).
 pub const JS_SAFE_INTEGER_MAX: i64 = 9_007_199_254_740_991;
@@ -77,39 +77,65 @@ pub fn decode_time(time: &Value, base_time: i64) -> Result<i64, DecodeError> {
     shifted(int(time)?, base_time)
 }
 
-/// Encodes a stored entry's meta for a peer whose `baseTime` is `base_time`.
+/// Writes a stored entry's meta, as JSON, for a peer whose `baseTime` is `base_time`.
 /// `local_node` is this server's node id: only its actions use the short id forms.
-pub fn encode_meta(entry: &Entry, base_time: i64, local_node: &str) -> Value {
-    let mut meta = Map::new();
-    meta.insert(
-        "id".into(),
-        encode_id(&entry.meta.id, base_time, local_node),
-    );
-    meta.insert(
-        "time".into(),
-        json!(entry.meta.time.saturating_sub(base_time)),
-    );
-    meta.insert("subprotocol".into(), json!(entry.meta.subprotocol));
-    Value::Object(meta)
+/// Written straight into the frame: this runs once per recipient of every action.
+pub fn write_meta(out: &mut String, entry: &Entry, base_time: i64, local_node: &str) {
+    out.push_str("{\"id\":");
+    write_id(out, &entry.meta.id, base_time, local_node);
+    out.push_str(",\"time\":");
+    push_int(out, entry.meta.time.saturating_sub(base_time));
+    out.push_str(",\"subprotocol\":");
+    push_int(out, entry.meta.subprotocol);
+    out.push('}');
 }
 
-fn encode_id(id: &str, base_time: i64, local_node: &str) -> Value {
-    match ActionId::parse(id) {
-        Some(id) => {
-            let shift = id.ms.saturating_sub(base_time);
-            if id.node == local_node {
-                if id.seq == 0 {
-                    json!(shift)
+fn write_id(out: &mut String, id: &str, base_time: i64, local_node: &str) {
+    match ActionId::parts(id) {
+        Some((ms, node, seq)) => {
+            let shift = ms.saturating_sub(base_time);
+            if node == local_node {
+                if seq == 0 {
+                    push_int(out, shift);
                 } else {
-                    json!([shift, id.seq])
+                    out.push('[');
+                    push_int(out, shift);
+                    out.push(',');
+                    push_int(out, seq);
+                    out.push(']');
                 }
             } else {
-                json!([shift, id.node, id.seq])
+                out.push('[');
+                push_int(out, shift);
+                out.push(',');
+                push_str(out, node);
+                out.push(',');
+                push_int(out, seq);
+                out.push(']');
             }
         }
         // Stored ids are validated before they are stored; this arm keeps a corrupt record
         // from taking a connection down.
-        None => json!([0, id, 0]),
+        None => {
+            out.push_str("[0,");
+            push_str(out, id);
+            out.push_str(",0]");
+        }
+    }
+}
+
+fn push_int(out: &mut String, value: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(value));
+}
+
+/// A JSON string literal; node ids rarely need escaping, so that case goes through serde.
+fn push_str(out: &mut String, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        out.push_str(&Value::from(text).to_string());
     }
 }
 
@@ -118,7 +144,15 @@ mod tests {
     use super::*;
     use crate::action::Meta;
 
+    use serde_json::json;
+
     const BASE: i64 = 1_795_423_671_273;
+
+    fn encode_meta(entry: &Entry, base_time: i64, local_node: &str) -> Value {
+        let mut out = String::new();
+        write_meta(&mut out, entry, base_time, local_node);
+        serde_json::from_str(&out).expect("valid JSON")
+    }
 
     fn entry(id: &str, time: i64) -> Entry {
         Entry {
@@ -189,6 +223,20 @@ mod tests {
         assert_eq!(
             encode_meta(&foreign, BASE, local)["id"],
             json!([667, "10:bb1:t1", 0])
+        );
+    }
+
+    #[test]
+    fn node_ids_that_need_escaping_stay_valid_json() {
+        let odd = entry(&format!("{} 10:\"q\\\u{1}:t 3", BASE - 5), BASE - 5);
+        assert_eq!(
+            encode_meta(&odd, BASE, "server:abc")["id"],
+            json!([-5, "10:\"q\\\u{1}:t", 3])
+        );
+        let corrupt = entry("not an id", BASE);
+        assert_eq!(
+            encode_meta(&corrupt, BASE, "server:abc")["id"],
+            json!([0, "not an id", 0])
         );
     }
 }

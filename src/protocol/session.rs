@@ -488,13 +488,17 @@ impl Session {
         // Written straight into the frame: building a `Value` first would copy every action.
         let mut frame = String::with_capacity(32 + entries.len() * 128);
         frame.push_str("[\"sync\",");
-        frame.push_str(&self.last_sent_added.to_string());
+        frame.push_str(itoa::Buffer::new().format(self.last_sent_added));
         for entry in entries {
             frame.push(',');
             frame.push_str(entry.action_json());
             frame.push(',');
-            let meta = codec::encode_meta(entry, self.base_time, &self.config.server_node_id);
-            frame.push_str(&meta.to_string());
+            codec::write_meta(
+                &mut frame,
+                entry,
+                self.base_time,
+                &self.config.server_node_id,
+            );
         }
         frame.push(']');
         Some(frame)

@@ -17,13 +17,13 @@ use super::Server;
 use crate::action::{Entry, Meta};
 use crate::backend::{self, Decision, HookContext};
 use crate::config::{Hook, RuleHooks};
-use crate::log::{AppendOutcome, DurableHook, LogError, TaskOp};
+use crate::log::{AppendOutcome, DurableHook, LogError, PendingAppend, TaskOp};
 use crate::protocol::{IncomingEntry, IncomingSync};
 use crate::rules::{ActionDecision, SubscribeDecision, SyncMapChannel, SyncMapOp};
 use serde_json::{json, Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 /// Most entries written in one append request; a larger `sync` is written in several requests
@@ -32,6 +32,51 @@ pub const APPEND_CHUNK_ENTRIES_MAX: usize = 5_000;
 
 /// Most entries in one catch-up `sync` message sent to a client.
 pub const CATCHUP_PAGE_ENTRIES_MAX: usize = 1_000;
+
+/// Most appends one worker keeps queued in the log without waiting for them to be durable.
+/// A client that sends `sync` after `sync` then shares each group commit with all its queued
+/// actions instead of one `sync` per flush.
+pub const APPENDS_IN_FLIGHT_MAX: usize = 32;
+
+/// Appends of one worker that are queued in the log but not yet durable, oldest first, each
+/// with the queue budget of its `sync` (released once it is durable). The log stores them,
+/// and calls their hooks (`synced`), in this order.
+#[derive(Debug, Default)]
+struct InFlight {
+    appends: VecDeque<(PendingAppend, Option<OwnedSemaphorePermit>)>,
+}
+
+impl InFlight {
+    /// Waits until the oldest append is durable; pending forever when there is none.
+    async fn oldest_done(&mut self) -> Result<(), PipelineError> {
+        let Some((append, _)) = self.appends.front_mut() else {
+            return std::future::pending().await;
+        };
+        let result = append.wait().await;
+        self.appends.pop_front();
+        result.map(drop).map_err(PipelineError::from)
+    }
+
+    /// Waits until there is room for one more append.
+    async fn make_room(&mut self) -> Result<(), PipelineError> {
+        while self.appends.len() >= APPENDS_IN_FLIGHT_MAX {
+            self.oldest_done().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued append is durable: before a step that reads what they wrote.
+    async fn settle(&mut self) -> Result<(), PipelineError> {
+        while !self.appends.is_empty() {
+            self.oldest_done().await?;
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, append: PendingAppend, budget: Option<OwnedSemaphorePermit>) {
+        self.appends.push_back((append, budget));
+    }
+}
 
 /// Why a worker stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +148,19 @@ impl Worker {
                 permit.take();
             }
             catchup?;
-            while let Some(job) = jobs.recv().await {
-                let (received, sync, budget) = *job;
-                Box::pin(self.process(received, sync)).await?;
-                drop(budget);
+            let mut in_flight = InFlight::default();
+            loop {
+                tokio::select! {
+                    done = in_flight.oldest_done() => done?,
+                    job = jobs.recv() => {
+                        let Some(job) = job else { break };
+                        let (received, sync, budget) = *job;
+                        Box::pin(self.process(received, sync, budget, &mut in_flight)).await?;
+                    }
+                }
             }
-            Ok::<(), PipelineError>(())
+            // The connection waits for this task at shutdown: answer everything queued.
+            in_flight.settle().await
         }
         .await;
         if let Err(error) = result {
@@ -174,7 +226,14 @@ impl Worker {
         entry.author_client_id() != ids.client_id && !meta.exclude_clients.contains(&ids.client_id)
     }
 
-    async fn process(&self, received: Instant, sync: IncomingSync) -> Result<(), PipelineError> {
+    /// Judges one `sync` and queues its append; `synced` follows once it is durable.
+    async fn process(
+        &self,
+        received: Instant,
+        sync: IncomingSync,
+        budget: OwnedSemaphorePermit,
+        in_flight: &mut InFlight,
+    ) -> Result<(), PipelineError> {
         let mut batch = Vec::new();
         let mut tasks = Vec::new();
         let mut debug = Vec::new();
@@ -196,15 +255,18 @@ impl Worker {
                     .inc();
                 continue;
             }
-            self.judge(incoming, &mut batch, &mut tasks, &mut debug)
+            self.judge(incoming, &mut batch, &mut tasks, &mut debug, in_flight)
                 .await?;
             if batch.len() >= APPEND_CHUNK_ENTRIES_MAX {
                 let chunk_tasks = std::mem::take(&mut tasks);
                 let hook = self.process_notifier(&chunk_tasks);
-                self.server
+                in_flight.make_room().await?;
+                let append = self
+                    .server
                     .log
-                    .append_with_tasks(std::mem::take(&mut batch), chunk_tasks, hook)
+                    .submit(std::mem::take(&mut batch), chunk_tasks, hook)
                     .await?;
+                in_flight.push(append, None);
             }
         }
         let notify = self.process_notifier(&tasks);
@@ -232,12 +294,13 @@ impl Worker {
             }
         });
         if batch.is_empty() {
+            // Nothing to store: `synced` still goes after the earlier `sync`s' answers.
+            in_flight.settle().await?;
             hook(&[]);
         } else {
-            self.server
-                .log
-                .append_with_tasks(batch, tasks, Some(hook))
-                .await?;
+            in_flight.make_room().await?;
+            let append = self.server.log.submit(batch, tasks, Some(hook)).await?;
+            in_flight.push(append, Some(budget));
         }
         Ok(())
     }
@@ -269,12 +332,17 @@ impl Worker {
 
     /// Decides one action and adds what to store to `batch`: the action itself when it is
     /// allowed, and the `logux/processed` or `logux/undo` for its author.
+    ///
+    /// Steps that read the log or call the back-end (subscriptions, SyncMaps, hooked types)
+    /// first wait for this worker's queued appends, so they see everything the client sent
+    /// before; plain actions do not wait.
     async fn judge(
         &self,
         incoming: IncomingEntry,
         batch: &mut Vec<Entry>,
         tasks: &mut Vec<TaskOp>,
         debug: &mut Vec<String>,
+        in_flight: &mut InFlight,
     ) -> Result<(), PipelineError> {
         let IncomingEntry { entry, denied } = incoming;
         let received = &self.server.metrics.actions_received;
@@ -285,7 +353,10 @@ impl Worker {
             return Ok(());
         }
         match entry.action_type() {
-            "logux/subscribe" => self.subscribe(entry, batch, debug).await,
+            "logux/subscribe" => {
+                in_flight.settle().await?;
+                self.subscribe(entry, batch, debug).await
+            }
             // Only the server creates the other `logux/` actions (`processed`, `undo`, ...):
             // a client sending one, even under a `*` rule, could fake answers for others.
             other if other.starts_with("logux/") && other != "logux/unsubscribe" => {
@@ -308,6 +379,7 @@ impl Worker {
                 match self.server.rules.check_action(&entry.action, user) {
                     ActionDecision::Allowed { channels } => {
                         if let Some(rule) = self.server.rules.type_hooks(entry.action_type()) {
+                            in_flight.settle().await?;
                             self.hooked_action(entry, channels, &rule, batch, tasks, debug)
                                 .await;
                             return Ok(());
@@ -322,6 +394,7 @@ impl Worker {
                         batch.push(processed);
                     }
                     ActionDecision::SyncMap { plural, id, op } => {
+                        in_flight.settle().await?;
                         self.sync_map_action(entry, &plural, &id, op, batch, debug)?;
                     }
                     ActionDecision::UnknownType => {
