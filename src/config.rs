@@ -46,8 +46,10 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 19_000;
 pub const CONNECTIONS_PER_ADDRESS_MAX_DEFAULT: usize = 19_000;
 /// Default `handshakes_per_second`.
 pub const HANDSHAKES_PER_SECOND_DEFAULT: u64 = 5_000;
-/// Default `handshake_burst`.
-pub const HANDSHAKE_BURST_DEFAULT: u64 = 2_000;
+/// Default `handshake_burst`: 20 ms of `handshakes_per_second`. Admitting thousands at once
+/// queues their work in front of connected clients' pings (measured at 5,000 storming
+/// clients: ping p99 52 ms with 2,000, 22 ms with 100, and the storm was no slower).
+pub const HANDSHAKE_BURST_DEFAULT: u64 = 100;
 /// Default `heavy_resync_actions`.
 pub const HEAVY_RESYNC_ACTIONS_DEFAULT: u64 = 10_000;
 /// Default `heavy_resyncs_max`.

@@ -74,11 +74,24 @@ struct PipelineRuntime {
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
+/// How much lower the pipeline threads' scheduling priority is (`nice` steps) than the
+/// connection threads': in a storm, the CPU goes to answering connected clients first.
+const PIPELINE_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority by `PIPELINE_NICE` (on Linux `nice` is per thread,
+/// and `None` means the calling one).
+fn lower_thread_priority() {
+    if let Err(error) = rustix::process::setpriority_process(None, PIPELINE_NICE) {
+        tracing::debug!(%error, "could not lower the pipeline thread's priority");
+    }
+}
+
 impl PipelineRuntime {
     fn start(threads: usize) -> std::io::Result<PipelineRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("ferry-pipeline")
+            .on_thread_start(lower_thread_priority)
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
