@@ -56,6 +56,8 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     /// Open long-poll sessions.
     pub long_poll_sessions: IntGauge,
+    /// Running pipeline workers (a connection has one only while it has `sync`s to handle).
+    pub pipeline_workers: IntGauge,
     /// Back-end hook requests by `hook` and `outcome` (`ok`, `error`).
     pub hook_requests: IntCounterVec,
     /// Back-end hook request time by `hook`.
@@ -194,6 +196,10 @@ impl Metrics {
                 &["reason"],
             ),
             long_poll_sessions: gauge("ferry_long_poll_sessions", "Open long-poll sessions."),
+            pipeline_workers: gauge(
+                "ferry_pipeline_workers",
+                "Running pipeline workers; a connection has one only while it has syncs to handle.",
+            ),
             hook_requests: counter_vec(
                 "ferry_backend_hook_requests_total",
                 "Back-end hook requests by hook and outcome.",
@@ -239,6 +245,7 @@ impl Metrics {
             Box::new(metrics.admission_wait.clone()),
             Box::new(metrics.rejections.clone()),
             Box::new(metrics.long_poll_sessions.clone()),
+            Box::new(metrics.pipeline_workers.clone()),
             Box::new(metrics.hook_requests.clone()),
             Box::new(metrics.hook_latency.clone()),
             Box::new(metrics.process_pending.clone()),

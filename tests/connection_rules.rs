@@ -95,6 +95,63 @@ async fn back_to_back_syncs_share_group_commits_and_are_acknowledged_in_order() 
     );
 }
 
+/// Waits until no pipeline worker runs (they retire once they have nothing to do).
+async fn workers_retired(server: &TestServer) -> bool {
+    let deadline = tokio::time::Instant::now() + support::FRAME_WAIT;
+    while server.server.metrics.pipeline_workers.get() != 0 {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn an_idle_connection_holds_no_worker_and_its_later_syncs_are_answered_in_order() {
+    let server = TestServer::start(TEST_CONFIG);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    assert!(
+        workers_retired(&server).await,
+        "the worker stays after the catch-up"
+    );
+    let mut next = 1;
+    for _round in 0..3 {
+        let first = next;
+        for _ in 0..20 {
+            client
+                .send(&format!(
+                    r#"["sync",{next},{{"type":"room/message","room":"1","n":{next}}},{{"id":{next},"time":{next}}}]"#
+                ))
+                .await;
+            next += 1;
+        }
+        let mut synced = Vec::new();
+        let mut processed = 0;
+        while processed < 20 || synced.len() < 20 {
+            let frame = client.recv().await.expect("connection stays open");
+            let message: Value = serde_json::from_str(&frame).expect("json");
+            match message[0].as_str() {
+                Some("synced") => synced.push(message[1].as_u64().expect("added")),
+                Some("sync") => processed += (message.as_array().map_or(0, Vec::len) - 2) / 2,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            synced,
+            (first..next).collect::<Vec<_>>(),
+            "in the order sent"
+        );
+        assert!(
+            workers_retired(&server).await,
+            "the worker stays after its syncs"
+        );
+    }
+    assert_eq!(server.server.log.head(), 2 * (next - 1));
+}
+
 #[tokio::test]
 async fn a_socket_that_never_sends_connect_is_closed_after_the_handshake_timeout() {
     let config = format!("{TEST_CONFIG}\n[limits]\nhandshake_timeout_ms = 200\n");

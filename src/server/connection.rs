@@ -161,8 +161,13 @@ struct Connection {
     jobs: Option<mpsc::Sender<Job>>,
     /// Permits for the actions queued for the worker (`PIPELINE_QUEUE_ACTIONS_MAX`).
     pipeline_budget: Arc<tokio::sync::Semaphore>,
-    /// The pipeline worker, awaited at shutdown so in-flight `sync`s are answered.
+    /// The pipeline worker, awaited at shutdown so in-flight `sync`s are answered. It
+    /// retires when it has nothing to do (then this is `None`, and so is `jobs`); the next
+    /// `sync` starts a successor.
     worker: Option<tokio::task::JoinHandle<()>>,
+    /// The client's subprotocol and its `synced` from `connect`, for successor workers.
+    subprotocol: u32,
+    connect_synced: u64,
     auth: Option<oneshot::Receiver<AuthResult>>,
     /// Open catch-ups; live entries are held while any is open.
     catchups_open: usize,
@@ -198,6 +203,8 @@ where
             PIPELINE_QUEUE_ACTIONS_MAX as usize,
         )),
         worker: None,
+        subprotocol: 0,
+        connect_synced: 0,
         auth: None,
         catchups_open: 0,
         held: Vec::new(),
@@ -227,6 +234,11 @@ where
                 if conn.handle.is_some() {
                     gauge.set("admitted");
                 }
+            }
+            _ = worker_finished(&mut conn.worker) => {
+                // Dropping the handle frees the finished task.
+                conn.worker = None;
+                conn.jobs = None;
             }
             item = next_outbound(&mut conn.outbox) => {
                 match item {
@@ -341,6 +353,15 @@ async fn auth_result(auth: &mut Option<oneshot::Receiver<AuthResult>>) -> AuthRe
     }
 }
 
+async fn worker_finished(worker: &mut Option<tokio::task::JoinHandle<()>>) {
+    match worker {
+        Some(handle) => {
+            let _ = handle.await;
+        }
+        None => pending().await,
+    }
+}
+
 async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
     match outbox {
         Some(receiver) => receiver.recv().await,
@@ -368,24 +389,27 @@ impl Connection {
                 Output::Close => self.close = true,
                 Output::Authenticate(request) => self.start_auth(request),
                 Output::Actions(sync) => {
-                    if let Some(jobs) = &self.jobs {
-                        // Waiting here is the backpressure on a client that sends faster than
-                        // its actions can be stored.
-                        let actions = u32::try_from(sync.entries.len())
-                            .unwrap_or(u32::MAX)
-                            .clamp(1, PIPELINE_QUEUE_ACTIONS_MAX);
-                        let budget = Arc::clone(&self.pipeline_budget);
-                        let Ok(permit) = budget.acquire_many_owned(actions).await else {
-                            self.close = true;
-                            continue;
-                        };
-                        if jobs
-                            .send(Box::new((Instant::now(), sync, permit)))
-                            .await
-                            .is_err()
-                        {
-                            self.close = true;
-                        }
+                    if self.handle.is_none() {
+                        continue;
+                    }
+                    // Waiting here is the backpressure on a client that sends faster than
+                    // its actions can be stored.
+                    let actions = u32::try_from(sync.entries.len())
+                        .unwrap_or(u32::MAX)
+                        .clamp(1, PIPELINE_QUEUE_ACTIONS_MAX);
+                    let budget = Arc::clone(&self.pipeline_budget);
+                    let Ok(permit) = budget.acquire_many_owned(actions).await else {
+                        self.close = true;
+                        continue;
+                    };
+                    let job: Job = Box::new((Instant::now(), sync, permit));
+                    let refused = match &self.jobs {
+                        Some(jobs) => jobs.send(job).await.err().map(|error| error.0),
+                        None => Some(job),
+                    };
+                    // The worker retired (or is retiring): a successor takes the job.
+                    if let Some(job) = refused {
+                        self.start_worker(None, Some(job));
                     }
                 }
             }
@@ -525,13 +549,11 @@ impl Connection {
         let limits = &self.server.config.limits;
         let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
-        let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
-        let worker = Worker::new(self.server.clone(), handle.clone(), remote.synced, permit)
-            .with_client(self.peer.clone(), remote.subprotocol);
-        self.worker = Some(self.server.spawn_pipeline(worker.run(jobs_rx)));
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);
-        self.jobs = Some(jobs_tx);
+        self.subprotocol = remote.subprotocol;
+        self.connect_synced = remote.synced;
+        self.start_worker(Some(permit), None);
         self.server
             .metrics
             .handshakes
@@ -540,6 +562,36 @@ impl Connection {
         tracing::debug!(node = %remote.ids.node_id, transport = self.peer.transport, "client authenticated");
         let outputs = self.session.authenticated(self.server.clock.now_ms());
         self.execute(outputs).await;
+    }
+
+    /// Starts a pipeline worker with a fresh queue: the first one (`catchup`, with the
+    /// heavy-resync slot of its handshake) sends the connect catch-up; a successor waits for
+    /// the worker before it, so `sync`s are still handled in order.
+    fn start_worker(&mut self, catchup: Option<Option<HeavyPermit>>, first: Option<Job>) {
+        let Some(handle) = self.handle.clone() else {
+            return;
+        };
+        let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
+        if let Some(job) = first {
+            // A fresh queue has room for one job.
+            let _ = jobs_tx.try_send(job);
+        }
+        let first_worker = catchup.is_some();
+        let worker = Worker::new(
+            self.server.clone(),
+            handle,
+            self.connect_synced,
+            catchup.flatten(),
+        )
+        .with_client(self.peer.clone(), self.subprotocol);
+        let worker = if first_worker {
+            worker
+        } else {
+            worker.successor()
+        };
+        let previous = self.worker.take();
+        self.worker = Some(self.server.spawn_pipeline(worker.run(jobs_rx, previous)));
+        self.jobs = Some(jobs_tx);
     }
 
     fn outbound(&mut self, item: Outbound) {

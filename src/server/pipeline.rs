@@ -102,6 +102,8 @@ pub struct Worker {
     peer: Option<Peer>,
     /// The client's application subprotocol, for back-end hooks.
     subprotocol: u32,
+    /// True for the connection's first worker, which sends the connect catch-up.
+    catchup: bool,
 }
 
 impl Worker {
@@ -119,7 +121,14 @@ impl Worker {
             heavy_permit: std::sync::Mutex::new(heavy_permit),
             peer: None,
             subprotocol: 0,
+            catchup: true,
         }
+    }
+
+    /// A worker for a connection whose earlier worker retired: no connect catch-up.
+    pub fn successor(mut self) -> Worker {
+        self.catchup = false;
+        self
     }
 
     /// The connection and subprotocol back-end hooks are told about.
@@ -137,19 +146,57 @@ impl Worker {
         }
     }
 
-    /// Sends the connect catch-up, then processes `sync` messages until the connection ends.
-    pub async fn run(self, mut jobs: mpsc::Receiver<super::connection::Job>) {
-        let result = async {
-            // Boxed, like `process` below: an idle worker then holds only its small outer
-            // state, not the largest state of every step (memory per idle connection).
-            let catchup = Box::pin(self.connect_catchup()).await;
-            // Free the heavy-resync slot whatever happened.
-            if let Ok(mut permit) = self.heavy_permit.lock() {
-                permit.take();
+    /// Waits for the connection's `previous` worker, sends the connect catch-up (first worker
+    /// only), then processes `sync` messages until it has nothing queued and nothing in
+    /// flight: then it retires, so an idle connection holds no worker task and no queue. The
+    /// connection starts a successor for its next `sync` (see `connection::Connection`).
+    pub async fn run(
+        self,
+        mut jobs: mpsc::Receiver<super::connection::Job>,
+        previous: Option<tokio::task::JoinHandle<()>>,
+    ) {
+        if let Some(previous) = previous {
+            // The predecessor closed its queue and finishes what it took: keep the order.
+            let _ = previous.await;
+            if self.conn.is_kicked() {
+                return;
             }
-            catchup?;
+        }
+        let workers = &self.server.metrics.pipeline_workers;
+        workers.inc();
+        let result = async {
+            if self.catchup {
+                // Boxed, like `process` below: a waiting worker then holds only its small
+                // outer state, not the largest state of every step.
+                let catchup = Box::pin(self.connect_catchup()).await;
+                // Free the heavy-resync slot whatever happened.
+                if let Ok(mut permit) = self.heavy_permit.lock() {
+                    permit.take();
+                }
+                catchup?;
+            }
             let mut in_flight = InFlight::default();
             loop {
+                if in_flight.appends.is_empty() {
+                    match jobs.try_recv() {
+                        Ok(job) => {
+                            let (received, sync, budget) = *job;
+                            Box::pin(self.process(received, sync, budget, &mut in_flight)).await?;
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Disconnected) => break,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            // Retire. `sync`s queued before the close are still ours.
+                            jobs.close();
+                            while let Ok(job) = jobs.try_recv() {
+                                let (received, sync, budget) = *job;
+                                Box::pin(self.process(received, sync, budget, &mut in_flight))
+                                    .await?;
+                            }
+                            break;
+                        }
+                    }
+                }
                 tokio::select! {
                     done = in_flight.oldest_done() => done?,
                     job = jobs.recv() => {
@@ -163,6 +210,7 @@ impl Worker {
             in_flight.settle().await
         }
         .await;
+        workers.dec();
         if let Err(error) = result {
             if !matches!(error, PipelineError::Disconnected) {
                 tracing::error!(client = %self.conn.ids.client_id, %error, "action pipeline stopped; closing the connection without acknowledging");
