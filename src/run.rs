@@ -81,7 +81,12 @@ const PIPELINE_NICE: i32 = 10;
 /// Lowers the calling thread's priority by `PIPELINE_NICE` (on Linux `nice` is per thread,
 /// and `None` means the calling one).
 fn lower_thread_priority() {
-    if let Err(error) = rustix::process::setpriority_process(None, PIPELINE_NICE) {
+    /// The lowest priority `nice` allows.
+    const NICE_MAX: i32 = 19;
+    let lowered = rustix::process::getpriority_process(None)
+        .map(|nice| (nice + PIPELINE_NICE).min(NICE_MAX))
+        .and_then(|nice| rustix::process::setpriority_process(None, nice));
+    if let Err(error) = lowered {
         tracing::debug!(%error, "could not lower the pipeline thread's priority");
     }
 }
@@ -131,4 +136,30 @@ pub async fn serve_until(
     server.log.close().await?;
     tracing::info!("log flushed, bye");
     Ok(())
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_threads_run_at_a_lower_priority_than_the_rest() {
+        let (before, after) = std::thread::spawn(|| {
+            let before = rustix::process::getpriority_process(None).expect("nice");
+            lower_thread_priority();
+            (
+                before,
+                rustix::process::getpriority_process(None).expect("nice"),
+            )
+        })
+        .join()
+        .expect("thread");
+        // `nice` stops at 19.
+        assert_eq!(after, (before + PIPELINE_NICE).min(19));
+        assert_eq!(
+            rustix::process::getpriority_process(None).expect("nice"),
+            before,
+            "only the calling thread is lowered"
+        );
+    }
 }
