@@ -4,7 +4,7 @@
 //! one `apply_batch` and therefore crash-atomic:
 //!
 //! - `a` + added (u64 big-endian) → the entry as JSON, with `meta.added` set;
-//! - `i` + action id → added (u64 big-endian);
+//! - `i` + action id → added (u64 big-endian), for every entry without `Meta::fresh_id`;
 //! - `c` + channel + 0x00 + added → empty (channel index);
 //! - `t` + kind (`u`, `c` or `n`) + name + 0x00 + added → empty (targeted index);
 //! - `m` + name → small metadata, such as `last_added` and the settings.

@@ -649,3 +649,28 @@ async fn tasks_are_stored_with_their_entry_only_when_it_is_new_and_survive_reope
     );
     log.close().await.expect("close");
 }
+
+#[tokio::test]
+async fn an_entry_with_a_fresh_id_is_stored_and_targeted_but_not_indexed_by_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    let mut answer = entry("5 server:x 0");
+    answer.meta.fresh_id = true;
+    answer.meta.clients = vec!["1:a".to_owned()];
+    let outcomes = append_all(&log, vec![entry("1 a 0"), answer]).await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Appended(1), AppendOutcome::Appended(2)]
+    );
+    let stored = log.entry_at(2).expect("read").expect("stored");
+    assert_eq!(stored.meta.id, "5 server:x 0");
+    assert_eq!(log.added_of("1 a 0").expect("read"), Some(1));
+    assert_eq!(log.added_of("5 server:x 0").expect("read"), None);
+    let targeted = log
+        .targeted_since(None, "1:a", "1:a:t", 0, 2, 10)
+        .expect("read");
+    assert_eq!(
+        targeted.iter().map(|e| e.meta.added).collect::<Vec<_>>(),
+        vec![2]
+    );
+}

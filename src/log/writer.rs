@@ -296,19 +296,22 @@ impl Writer {
         let mut states: HashMap<String, Vec<u8>> = HashMap::new();
         let mut result = Ok(());
         for mut entry in entries {
-            if let Some(&existing) = group_ids.get(&entry.meta.id) {
-                outcomes.push(AppendOutcome::Duplicate(existing));
-                continue;
-            }
-            match self.stored_added(&entry.meta.id) {
-                Ok(Some(existing)) => {
+            let fresh_id = entry.meta.fresh_id;
+            if !fresh_id {
+                if let Some(&existing) = group_ids.get(&entry.meta.id) {
                     outcomes.push(AppendOutcome::Duplicate(existing));
                     continue;
                 }
-                Ok(None) => {}
-                Err(error) => {
-                    result = Err(error);
-                    break;
+                match self.stored_added(&entry.meta.id) {
+                    Ok(Some(existing)) => {
+                        outcomes.push(AppendOutcome::Duplicate(existing));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        result = Err(error);
+                        break;
+                    }
                 }
             }
             let added = self.next_added;
@@ -328,11 +331,13 @@ impl Writer {
                 break;
             }
             records.push((entry_key(added).to_vec(), json));
-            records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
+            if !fresh_id {
+                records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
+                group_ids.insert(entry.meta.id.clone(), added);
+            }
             for key in index_keys(&entry) {
                 records.push((key, Vec::new()));
             }
-            group_ids.insert(entry.meta.id.clone(), added);
             // A u64 counter that grows by one per stored entry does not overflow in practice.
             self.next_added += 1;
             outcomes.push(AppendOutcome::Appended(added));

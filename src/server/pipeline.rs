@@ -435,7 +435,10 @@ impl Worker {
                         received.with_label_values(&["processed"]).inc();
                         // The action goes before its `logux/processed`, so subscribers get it
                         // before the author hears it was processed.
-                        let processed = self.processed_for(&entry);
+                        let mut processed = self.processed_for(&entry);
+                        // Nobody looks this answer up by id (a re-subscription's `since`
+                        // names the answer to a subscription, never this one).
+                        processed.meta.fresh_id = true;
                         let mut entry = entry;
                         entry.meta.channels = channels;
                         batch.push(entry);
