@@ -17,7 +17,7 @@ FANOUT_CLIENTS=${FANOUT_CLIENTS:-50}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 FERRY_PORT=31340
 REF_PORT=31338
-OUT="bench/results/$(date +%Y-%m-%d)"
+OUT=${OUT:-"bench/results/$(date +%Y-%m-%d)"}
 mkdir -p "$OUT"
 
 cargo build --release --bin ferry --bin ferry-bench
