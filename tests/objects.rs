@@ -392,3 +392,41 @@ async fn object_state_survives_a_restart() {
         .await;
     assert_eq!(counter_value(&reader.received), 8);
 }
+
+#[tokio::test]
+async fn a_change_sent_right_behind_a_delete_without_waiting_is_still_refused() {
+    let server = TestServer::start(CONFIG);
+    let mut a = Peer::connect(&server, "1:a:t", 0).await;
+    // Three `sync`s back to back: the worker must not judge the change before the delete
+    // it queued is stored, even though plain actions do not wait for each other.
+    let actions = [
+        json!({"type": "tasks/create", "id": "1", "fields": {"title": "x"}}),
+        json!({"type": "tasks/delete", "id": "1"}),
+        json!({"type": "tasks/change", "id": "1", "fields": {"title": "y"}}),
+    ];
+    for (n, action) in actions.iter().enumerate() {
+        let n = n as i64 + 1;
+        let frame = json!(["sync", n, action, {"id": [n, 0], "time": n}]);
+        a.client.send(&frame.to_string()).await;
+    }
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < 3 {
+        let frame: Value =
+            serde_json::from_str(&a.client.recv().await.expect("answer")).expect("json");
+        if frame[0] != "sync" {
+            continue;
+        }
+        for pair in frame.as_array().expect("array")[2..].chunks(2) {
+            let action = &pair[0];
+            if let Some(kind @ ("logux/processed" | "logux/undo")) = action["type"].as_str() {
+                let id = action["id"].as_str().expect("id").to_owned();
+                let reason = action["reason"].as_str().unwrap_or("").to_owned();
+                answers.insert(id, (kind.to_owned(), reason));
+            }
+        }
+    }
+    let answer = |n: i64| answers[&format!("{} 1:a:t 0", a.base + n)].clone();
+    assert_eq!(answer(1).0, "logux/processed");
+    assert_eq!(answer(2).0, "logux/processed");
+    assert_eq!(answer(3), ("logux/undo".to_owned(), "notFound".to_owned()));
+}

@@ -486,7 +486,13 @@ impl Session {
             .unwrap_or(0);
         self.last_sent_added = self.last_sent_added.max(newest);
         // Written straight into the frame: building a `Value` first would copy every action.
-        let mut frame = String::with_capacity(32 + entries.len() * 128);
+        /// Room for `"sync"`, `added` and the brackets, and for one entry's meta.
+        const FRAME_OVERHEAD_BYTES: usize = 32;
+        const META_BYTES: usize = 96;
+        let capacity = entries.iter().fold(FRAME_OVERHEAD_BYTES, |bytes, entry| {
+            bytes + entry.action_json().len() + META_BYTES
+        });
+        let mut frame = String::with_capacity(capacity);
         frame.push_str("[\"sync\",");
         frame.push_str(itoa::Buffer::new().format(self.last_sent_added));
         for entry in entries {
