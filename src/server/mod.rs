@@ -183,7 +183,10 @@ impl Server {
         let entered = pipeline.as_ref().map(tokio::runtime::Handle::enter);
         let log = Log::open_with_reducer(
             &config.data_dir,
-            LogOptions::default(),
+            LogOptions {
+                cache_bytes: config.limits.log_cache_bytes,
+                ..LogOptions::default()
+            },
             listener,
             Some(Arc::new(objects::ObjectReducer::new(rules.clone()))),
         )
