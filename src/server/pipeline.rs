@@ -180,18 +180,17 @@ impl Worker {
                 if in_flight.appends.is_empty() {
                     match jobs.try_recv() {
                         Ok(job) => {
-                            let (received, sync, budget) = *job;
-                            Box::pin(self.process(received, sync, budget, &mut in_flight)).await?;
+                            self.take(job, &mut in_flight).await?;
                             continue;
                         }
                         Err(mpsc::error::TryRecvError::Disconnected) => break,
                         Err(mpsc::error::TryRecvError::Empty) => {
-                            // Retire. `sync`s queued before the close are still ours.
+                            // Retire. `sync`s queued before the close are still ours, and
+                            // so are sends that were under way: `recv` (unlike `try_recv`)
+                            // waits for them before it says `None`.
                             jobs.close();
-                            while let Ok(job) = jobs.try_recv() {
-                                let (received, sync, budget) = *job;
-                                Box::pin(self.process(received, sync, budget, &mut in_flight))
-                                    .await?;
+                            while let Some(job) = jobs.recv().await {
+                                self.take(job, &mut in_flight).await?;
                             }
                             break;
                         }
@@ -201,8 +200,7 @@ impl Worker {
                     done = in_flight.oldest_done() => done?,
                     job = jobs.recv() => {
                         let Some(job) = job else { break };
-                        let (received, sync, budget) = *job;
-                        Box::pin(self.process(received, sync, budget, &mut in_flight)).await?;
+                        self.take(job, &mut in_flight).await?;
                     }
                 }
             }
@@ -217,6 +215,17 @@ impl Worker {
             }
             self.conn.kick();
         }
+    }
+
+    /// Handles one queued `sync`. Boxed: a waiting worker then holds only its small outer
+    /// state, not the largest state of every step (memory per connection).
+    async fn take(
+        &self,
+        job: super::connection::Job,
+        in_flight: &mut InFlight,
+    ) -> Result<(), PipelineError> {
+        let (received, sync, budget) = *job;
+        Box::pin(self.process(received, sync, budget, in_flight)).await
     }
 
     pub(super) async fn send(&self, item: Outbound) -> Result<(), PipelineError> {
