@@ -127,7 +127,7 @@ pub struct Meta {
     /// Client ids that never get the action through `users` or `channels`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_clients: Vec<String>,
-    /// Set on the server's own answers (`logux/processed`, `logux/undo`) whose id
+    /// Set on the `logux/processed` answer to a plain action, whose id
     /// `Server::next_action_id` just made: no stored action can have it and nobody looks it
     /// up, so the log neither checks it for a duplicate nor indexes it. Not stored.
     #[serde(skip)]

@@ -60,6 +60,32 @@ async fn a_sync_with_100000_actions_is_stored_and_every_action_is_processed() {
     assert_eq!(server.server.log.head(), 2 * ACTIONS as u64);
 }
 
+/// Sends `sync` number `n` with one `room/message`.
+async fn send_message(client: &support::TestClient, n: u64) {
+    client
+        .send(&format!(
+            r#"["sync",{n},{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}]"#
+        ))
+        .await;
+}
+
+/// Reads until `count` `synced` answers and `count` processed actions arrived; the `synced`
+/// positions, in the order received.
+async fn synced_and_processed(client: &mut support::TestClient, count: usize) -> Vec<u64> {
+    let mut synced = Vec::new();
+    let mut processed = 0;
+    while processed < count || synced.len() < count {
+        let frame = client.recv().await.expect("connection stays open");
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => synced.push(message[1].as_u64().expect("added")),
+            Some("sync") => processed += (message.as_array().map_or(0, Vec::len) - 2) / 2,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    synced
+}
+
 #[tokio::test]
 async fn back_to_back_syncs_share_group_commits_and_are_acknowledged_in_order() {
     let server = TestServer::start(TEST_CONFIG);
@@ -69,23 +95,9 @@ async fn back_to_back_syncs_share_group_commits_and_are_acknowledged_in_order() 
     let commits_before = server.server.log.group_commits();
     const SYNCS: u64 = 200;
     for n in 1..=SYNCS {
-        client
-            .send(&format!(
-                r#"["sync",{n},{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}]"#
-            ))
-            .await;
+        send_message(&client, n).await;
     }
-    let mut synced = Vec::new();
-    let mut processed = 0;
-    while processed < SYNCS || (synced.len() as u64) < SYNCS {
-        let frame = client.recv().await.expect("connection stays open");
-        let message: Value = serde_json::from_str(&frame).expect("json");
-        match message[0].as_str() {
-            Some("synced") => synced.push(message[1].as_u64().expect("added")),
-            Some("sync") => processed += (message.as_array().map_or(0, Vec::len) as u64 - 2) / 2,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let synced = synced_and_processed(&mut client, SYNCS as usize).await;
     assert_eq!(synced, (1..=SYNCS).collect::<Vec<_>>(), "in the order sent");
     assert_eq!(server.server.log.head(), 2 * SYNCS);
     let commits = server.server.log.group_commits() - commits_before;
@@ -121,24 +133,10 @@ async fn an_idle_connection_holds_no_worker_and_its_later_syncs_are_answered_in_
     for _round in 0..3 {
         let first = next;
         for _ in 0..20 {
-            client
-                .send(&format!(
-                    r#"["sync",{next},{{"type":"room/message","room":"1","n":{next}}},{{"id":{next},"time":{next}}}]"#
-                ))
-                .await;
+            send_message(&client, next).await;
             next += 1;
         }
-        let mut synced = Vec::new();
-        let mut processed = 0;
-        while processed < 20 || synced.len() < 20 {
-            let frame = client.recv().await.expect("connection stays open");
-            let message: Value = serde_json::from_str(&frame).expect("json");
-            match message[0].as_str() {
-                Some("synced") => synced.push(message[1].as_u64().expect("added")),
-                Some("sync") => processed += (message.as_array().map_or(0, Vec::len) - 2) / 2,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        let synced = synced_and_processed(&mut client, 20).await;
         assert_eq!(
             synced,
             (first..next).collect::<Vec<_>>(),

@@ -298,11 +298,7 @@ impl Writer {
         for mut entry in entries {
             let fresh_id = entry.meta.fresh_id;
             if !fresh_id {
-                if let Some(&existing) = group_ids.get(&entry.meta.id) {
-                    outcomes.push(AppendOutcome::Duplicate(existing));
-                    continue;
-                }
-                match self.stored_added(&entry.meta.id) {
+                match self.existing_added(&entry.meta.id, group_ids) {
                     Ok(Some(existing)) => {
                         outcomes.push(AppendOutcome::Duplicate(existing));
                         continue;
@@ -393,6 +389,18 @@ impl Writer {
             states.insert(object, record);
         }
         Ok(())
+    }
+
+    /// The position of `id` when it is already in this group or stored.
+    fn existing_added(
+        &self,
+        id: &str,
+        group_ids: &HashMap<String, u64>,
+    ) -> Result<Option<u64>, LogError> {
+        match group_ids.get(id) {
+            Some(&added) => Ok(Some(added)),
+            None => self.stored_added(id),
+        }
     }
 
     /// The position of an already stored id.

@@ -151,6 +151,14 @@ impl RecentlySent {
     }
 }
 
+/// Why a connection starts a pipeline worker.
+enum WorkerStart {
+    /// Just authenticated: the connect catch-up, with the handshake's heavy-resync slot.
+    First(Option<HeavyPermit>),
+    /// The previous worker retired (or is retiring): this `sync` goes to a new one.
+    Successor(Job),
+}
+
 /// The state of one connection's task.
 struct Connection {
     server: Arc<Server>,
@@ -409,7 +417,7 @@ impl Connection {
                     };
                     // The worker retired (or is retiring): a successor takes the job.
                     if let Some(job) = refused {
-                        self.start_worker(None, Some(job));
+                        self.start_worker(WorkerStart::Successor(job));
                     }
                 }
             }
@@ -553,7 +561,7 @@ impl Connection {
         self.outbox = Some(outbox_rx);
         self.subprotocol = remote.subprotocol;
         self.connect_synced = remote.synced;
-        self.start_worker(Some(permit), None);
+        self.start_worker(WorkerStart::First(permit));
         self.server
             .metrics
             .handshakes
@@ -564,31 +572,25 @@ impl Connection {
         self.execute(outputs).await;
     }
 
-    /// Starts a pipeline worker with a fresh queue: the first one (`catchup`, with the
-    /// heavy-resync slot of its handshake) sends the connect catch-up; a successor waits for
-    /// the worker before it, so `sync`s are still handled in order.
-    fn start_worker(&mut self, catchup: Option<Option<HeavyPermit>>, first: Option<Job>) {
+    /// Starts a pipeline worker with a fresh queue. The first one sends the connect
+    /// catch-up; a successor waits for the worker before it, so `sync`s are still handled in
+    /// order.
+    fn start_worker(&mut self, start: WorkerStart) {
         let Some(handle) = self.handle.clone() else {
             return;
         };
         let (jobs_tx, jobs_rx) = mpsc::channel(PIPELINE_QUEUE_SYNCS_MAX);
-        if let Some(job) = first {
-            // A fresh queue has room for one job.
-            let _ = jobs_tx.try_send(job);
+        let worker = match start {
+            WorkerStart::First(permit) => {
+                Worker::new(self.server.clone(), handle, self.connect_synced, permit)
+            }
+            WorkerStart::Successor(job) => {
+                // A fresh queue has room for one job.
+                let _ = jobs_tx.try_send(job);
+                Worker::new(self.server.clone(), handle, self.connect_synced, None).successor()
+            }
         }
-        let first_worker = catchup.is_some();
-        let worker = Worker::new(
-            self.server.clone(),
-            handle,
-            self.connect_synced,
-            catchup.flatten(),
-        )
         .with_client(self.peer.clone(), self.subprotocol);
-        let worker = if first_worker {
-            worker
-        } else {
-            worker.successor()
-        };
         let previous = self.worker.take();
         self.worker = Some(self.server.spawn_pipeline(worker.run(jobs_rx, previous)));
         self.jobs = Some(jobs_tx);
