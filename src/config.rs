@@ -64,6 +64,9 @@ pub const PIPELINE_THREADS_DEFAULT: usize = 1;
 /// Default `log_cache_bytes`: sled's page cache. A 15,000-client storm took 46 s of server
 /// CPU with 512 MiB against 56 s with 64 MiB, for about the same peak RSS.
 pub const LOG_CACHE_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
+/// Default `log_recent_bytes`: the newest entries kept decoded in memory, so subscriptions
+/// and catch-ups read them without sled and JSON.
+pub const LOG_RECENT_BYTES_DEFAULT: usize = crate::log::RECENT_BYTES_DEFAULT;
 /// Most `pipeline_threads`.
 pub const PIPELINE_THREADS_MAX: usize = 64;
 /// The user id of the server's own node, which no client may authenticate as (Logux rule).
@@ -380,6 +383,8 @@ pub struct Limits {
     pub pipeline_threads: usize,
     /// Size of the log's page cache (sled), in bytes.
     pub log_cache_bytes: u64,
+    /// Memory budget, in estimated bytes, of the newest entries kept decoded; 0 turns it off.
+    pub log_recent_bytes: usize,
 }
 
 impl Default for Limits {
@@ -402,6 +407,7 @@ impl Default for Limits {
             admission_deadline_ms: ADMISSION_DEADLINE_MS_DEFAULT,
             pipeline_threads: PIPELINE_THREADS_DEFAULT,
             log_cache_bytes: LOG_CACHE_BYTES_DEFAULT,
+            log_recent_bytes: LOG_RECENT_BYTES_DEFAULT,
         }
     }
 }
@@ -820,6 +826,7 @@ struct RawLimits {
     admission_deadline_ms: Option<u64>,
     pipeline_threads: Option<usize>,
     log_cache_bytes: Option<u64>,
+    log_recent_bytes: Option<usize>,
 }
 
 /// `[long_poll]` as written.
@@ -1094,6 +1101,7 @@ impl RawLimits {
                 None => d.pipeline_threads,
             },
             log_cache_bytes: positive("log_cache_bytes", self.log_cache_bytes, d.log_cache_bytes)?,
+            log_recent_bytes: self.log_recent_bytes.unwrap_or(d.log_recent_bytes),
         })
     }
 }
@@ -1305,6 +1313,7 @@ idle_timeout_ms = 6
 outbox_len = 7
 connections_max = 8
 log_cache_bytes = 9
+log_recent_bytes = 10
 "#;
 
     #[test]
@@ -1343,6 +1352,9 @@ log_cache_bytes = 9
             LOG_CACHE_BYTES_DEFAULT
         );
         assert!(Config::from_toml_str("[limits]\nlog_cache_bytes = 0").is_err());
+        assert_eq!(l.log_recent_bytes, 10);
+        let off = Config::from_toml_str("[limits]\nlog_recent_bytes = 0").unwrap();
+        assert_eq!(off.limits.log_recent_bytes, 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! above `head`, so they only ever return durable entries.
 
 mod keys;
+mod recent;
 mod writer;
 
 #[cfg(test)]
@@ -18,6 +19,7 @@ use keys::{
     added_suffix, channel_head, decode_added, decode_entry, entry_key, id_key, index_keys,
     index_range, last_added_key, setting_key, target_head, TargetKind, ENTRY_PREFIX,
 };
+use recent::RecentEntries;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,6 +60,8 @@ pub enum LogError {
 
 /// Default size of sled's page cache.
 pub const CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Default memory budget of the decoded newest entries (see `recent`).
+pub const RECENT_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 
 /// What happened to one entry of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +172,9 @@ pub struct LogOptions {
     pub writer_queue_len: usize,
     /// Bytes of sled's page cache (sled's own default is 1 GiB, too much for small hosts).
     pub cache_bytes: u64,
+    /// Memory budget, in estimated bytes, of the decoded newest entries that readers get
+    /// without sled; 0 turns the window off.
+    pub recent_bytes: usize,
 }
 
 impl Default for LogOptions {
@@ -176,6 +183,7 @@ impl Default for LogOptions {
             group_commit_entries_max: 10_000,
             writer_queue_len: 4_096,
             cache_bytes: CACHE_BYTES_DEFAULT,
+            recent_bytes: RECENT_BYTES_DEFAULT,
         }
     }
 }
@@ -190,6 +198,8 @@ struct Shared {
     group_commits: AtomicU64,
     /// Why the log refuses writes, once a write failed.
     poison: Mutex<Option<String>>,
+    /// The newest durable entries, decoded.
+    recent: RecentEntries,
 }
 
 impl Shared {
@@ -211,6 +221,9 @@ impl Shared {
 
     /// The entry stored at `added`, if it is still there.
     fn entry_at(&self, added: u64) -> Result<Option<Arc<Entry>>, LogError> {
+        if let Some(entry) = self.recent.get(added) {
+            return Ok(Some(entry));
+        }
         let key = entry_key(added);
         match self.db.get(key)? {
             Some(value) => Ok(Some(Arc::new(decode_entry(&key, &value)?))),
@@ -318,6 +331,7 @@ impl Log {
             head: AtomicU64::new(head),
             group_commits: AtomicU64::new(0),
             poison: Mutex::new(None),
+            recent: RecentEntries::new(options.recent_bytes),
         });
         let (sender, receiver) = mpsc::channel(options.writer_queue_len.max(1));
         let (stopped_sender, stopped) = watch::channel(false);
@@ -652,6 +666,7 @@ impl Log {
                 break;
             }
             db.apply_batch(batch)?;
+            self.inner.shared.recent.remove_before(before);
             removed += count;
             if count < REMOVE_BATCH_ENTRIES {
                 break;

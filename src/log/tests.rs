@@ -452,6 +452,8 @@ async fn readers_skip_index_records_without_entry() {
         .db
         .remove(entry_key(2))
         .expect("remove entry");
+    // Such records only exist after a crash, so the window of recent entries starts empty.
+    let (log, _) = reopen(log, dir.path()).await;
     let channel = log.channel_since("a", 0, u64::MAX, 10).expect("read");
     assert_eq!(positions(&channel), vec![1, 3]);
 }
@@ -673,4 +675,60 @@ async fn an_entry_with_a_fresh_id_is_stored_and_targeted_but_not_indexed_by_id()
         targeted.iter().map(|e| e.meta.added).collect::<Vec<_>>(),
         vec![2]
     );
+}
+
+#[tokio::test]
+async fn reads_answer_the_same_from_the_recent_window_as_from_storage() {
+    let with_window = tempfile::tempdir().expect("temp dir");
+    let without_window = tempfile::tempdir().expect("temp dir");
+    let (cached, _) = open(with_window.path());
+    let (stored, _) = open_with(
+        without_window.path(),
+        LogOptions {
+            recent_bytes: 0,
+            ..LogOptions::default()
+        },
+    );
+    for log in [&cached, &stored] {
+        let mut answer = in_channels("9 server:x 0", &["room"]);
+        answer.meta.fresh_id = true;
+        let entries = vec![
+            in_channels("1 a 0", &["room"]),
+            in_channels("2 a 0", &["room", "other"]),
+            answer,
+        ];
+        append_all(log, entries).await;
+    }
+    for added in 1..=4 {
+        assert_eq!(
+            cached.entry_at(added).expect("read"),
+            stored.entry_at(added).expect("read"),
+            "entry {added}"
+        );
+    }
+    assert_eq!(
+        cached.channel_tail("room", u64::MAX, 10).expect("read"),
+        stored.channel_tail("room", u64::MAX, 10).expect("read")
+    );
+    assert!(
+        !cached
+            .entry_at(3)
+            .expect("read")
+            .expect("kept")
+            .meta
+            .fresh_id
+    );
+
+    cached.remove_before(3).expect("retention");
+    assert_eq!(
+        cached.entry_at(2).expect("read"),
+        None,
+        "retention wins over the window"
+    );
+    assert_eq!(
+        ids(&cached.channel_tail("room", u64::MAX, 10).expect("read")),
+        vec!["9 server:x 0"]
+    );
+    cached.close().await.expect("close");
+    stored.close().await.expect("close");
 }

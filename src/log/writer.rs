@@ -4,6 +4,7 @@
 use super::keys::{
     entry_key, id_key, index_keys, last_added_key, state_key, task_key, ADDED_LEN_BYTES,
 };
+use super::recent::estimated_bytes;
 use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer, TaskOp};
 use crate::action::Entry;
 use std::collections::HashMap;
@@ -44,6 +45,8 @@ const FLUSH_QUEUE_GROUPS_MAX: usize = 4;
 struct Applied {
     staged: Vec<Staged>,
     stored: Vec<Arc<Entry>>,
+    /// Estimated memory of each stored entry, for the window of recent entries.
+    stored_bytes: Vec<usize>,
     /// True when the batch wrote anything (entries or tasks) and must be flushed.
     wrote: bool,
     last_added: u64,
@@ -99,12 +102,16 @@ impl Flusher {
         let Applied {
             mut staged,
             stored,
+            stored_bytes,
             last_added,
             started,
             ..
         } = group;
         if !stored.is_empty() {
             self.listener.flushed(stored.len(), started.elapsed());
+            // Before the head moves: retention never removes above the head, so it cannot
+            // have removed these yet.
+            self.shared.recent.push(&stored, &stored_bytes);
             self.shared.head.fetch_max(last_added, Ordering::AcqRel);
             self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
         }
@@ -224,6 +231,7 @@ impl Writer {
         let mut group_ids = HashMap::new();
         let mut group_states = HashMap::new();
         let mut stored = Vec::new();
+        let mut stored_bytes = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
         let mut task_ops = 0;
         for request in group {
@@ -232,7 +240,7 @@ impl Writer {
                 &mut group_ids,
                 &mut group_states,
                 &mut batch,
-                &mut stored,
+                (&mut stored, &mut stored_bytes),
             );
             if let Ok(outcomes) = &result {
                 task_ops += stage_tasks(request.tasks, outcomes, &mut batch);
@@ -263,6 +271,7 @@ impl Writer {
         let applied = Applied {
             staged,
             stored,
+            stored_bytes,
             wrote,
             last_added,
             started,
@@ -286,7 +295,7 @@ impl Writer {
         group_ids: &mut HashMap<String, u64>,
         group_states: &mut HashMap<String, Vec<u8>>,
         batch: &mut sled::Batch,
-        stored: &mut Vec<Arc<Entry>>,
+        (stored, stored_bytes): (&mut Vec<Arc<Entry>>, &mut Vec<usize>),
     ) -> Result<Vec<AppendOutcome>, LogError> {
         let first_added = self.next_added;
         let mut outcomes = Vec::with_capacity(entries.len());
@@ -295,8 +304,10 @@ impl Writer {
         // States changed by this request; merged into the group's only if it succeeds.
         let mut states: HashMap<String, Vec<u8>> = HashMap::new();
         let mut result = Ok(());
+        let mut sizes = Vec::new();
         for mut entry in entries {
-            let fresh_id = entry.meta.fresh_id;
+            // Not stored: the entry readers get back from the window must equal the decoded one.
+            let fresh_id = std::mem::take(&mut entry.meta.fresh_id);
             if !fresh_id {
                 match self.existing_added(&entry.meta.id, group_ids) {
                     Ok(Some(existing)) => {
@@ -326,6 +337,7 @@ impl Writer {
                 result = Err(error);
                 break;
             }
+            sizes.push(estimated_bytes(json.len()));
             records.push((entry_key(added).to_vec(), json));
             if !fresh_id {
                 records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
@@ -354,6 +366,7 @@ impl Writer {
             group_states.insert(object, state);
         }
         stored.extend(fresh.into_iter().map(Arc::new));
+        stored_bytes.extend(sizes);
         Ok(outcomes)
     }
 

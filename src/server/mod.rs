@@ -185,6 +185,7 @@ impl Server {
             &config.data_dir,
             LogOptions {
                 cache_bytes: config.limits.log_cache_bytes,
+                recent_bytes: config.limits.log_recent_bytes,
                 ..LogOptions::default()
             },
             listener,
