@@ -67,6 +67,12 @@ pub const LOG_CACHE_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
 /// Default `log_recent_bytes`: the newest entries kept decoded in memory, so subscriptions
 /// and catch-ups read them without sled and JSON.
 pub const LOG_RECENT_BYTES_DEFAULT: usize = crate::log::RECENT_BYTES_DEFAULT;
+/// Default `pipeline_nice`: how many `nice` steps below the connection threads the pipeline
+/// threads run, so that in a storm the CPU goes to answering connected clients first.
+pub const PIPELINE_NICE_DEFAULT: i32 = 10;
+/// Highest `pipeline_nice`: the range of Linux `nice` values is 39 steps, and 19 above the
+/// default priority is already the lowest.
+pub const PIPELINE_NICE_MAX: i32 = 19;
 /// Most `pipeline_threads`.
 pub const PIPELINE_THREADS_MAX: usize = 64;
 /// The user id of the server's own node, which no client may authenticate as (Logux rule).
@@ -381,6 +387,8 @@ pub struct Limits {
     /// that a storm's work cannot delay connected clients' pings; 0 runs everything on the
     /// main runtime.
     pub pipeline_threads: usize,
+    /// `nice` steps the pipeline threads run below the connection threads (Linux; 0 = same).
+    pub pipeline_nice: i32,
     /// Size of the log's page cache (sled), in bytes.
     pub log_cache_bytes: u64,
     /// Memory budget, in estimated bytes, of the newest entries kept decoded; 0 turns it off.
@@ -406,6 +414,7 @@ impl Default for Limits {
             waiting_room_max: WAITING_ROOM_MAX_DEFAULT,
             admission_deadline_ms: ADMISSION_DEADLINE_MS_DEFAULT,
             pipeline_threads: PIPELINE_THREADS_DEFAULT,
+            pipeline_nice: PIPELINE_NICE_DEFAULT,
             log_cache_bytes: LOG_CACHE_BYTES_DEFAULT,
             log_recent_bytes: LOG_RECENT_BYTES_DEFAULT,
         }
@@ -825,6 +834,7 @@ struct RawLimits {
     waiting_room_max: Option<usize>,
     admission_deadline_ms: Option<u64>,
     pipeline_threads: Option<usize>,
+    pipeline_nice: Option<i32>,
     log_cache_bytes: Option<u64>,
     log_recent_bytes: Option<usize>,
 }
@@ -1100,6 +1110,15 @@ impl RawLimits {
                 Some(threads) => threads,
                 None => d.pipeline_threads,
             },
+            pipeline_nice: match self.pipeline_nice {
+                Some(nice) if !(0..=PIPELINE_NICE_MAX).contains(&nice) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "limits.pipeline_nice: from 0 to {PIPELINE_NICE_MAX}"
+                    )))
+                }
+                Some(nice) => nice,
+                None => d.pipeline_nice,
+            },
             log_cache_bytes: positive("log_cache_bytes", self.log_cache_bytes, d.log_cache_bytes)?,
             log_recent_bytes: self.log_recent_bytes.unwrap_or(d.log_recent_bytes),
         })
@@ -1314,6 +1333,7 @@ outbox_len = 7
 connections_max = 8
 log_cache_bytes = 9
 log_recent_bytes = 10
+pipeline_nice = 11
 "#;
 
     #[test]
@@ -1353,6 +1373,11 @@ log_recent_bytes = 10
         );
         assert!(Config::from_toml_str("[limits]\nlog_cache_bytes = 0").is_err());
         assert_eq!(l.log_recent_bytes, 10);
+        assert_eq!(l.pipeline_nice, 11);
+        for wrong in ["-1", "20"] {
+            let text = format!("[limits]\npipeline_nice = {wrong}");
+            assert!(Config::from_toml_str(&text).is_err(), "{wrong}");
+        }
         let off = Config::from_toml_str("[limits]\nlog_recent_bytes = 0").unwrap();
         assert_eq!(off.limits.log_recent_bytes, 0);
     }

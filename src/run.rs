@@ -47,7 +47,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         crate::transports::http::bind(addr).map_err(|source| RunError::Bind { addr, source })?;
     let pipeline = match config.limits.pipeline_threads {
         0 => None,
-        threads => Some(PipelineRuntime::start(threads).map_err(RunError::Runtime)?),
+        threads => Some(
+            PipelineRuntime::start(threads, config.limits.pipeline_nice)
+                .map_err(RunError::Runtime)?,
+        ),
     };
     let server = Server::open_with_pipeline(
         config,
@@ -74,17 +77,16 @@ struct PipelineRuntime {
     stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// How much lower the pipeline threads' scheduling priority is (`nice` steps) than the
-/// connection threads': in a storm, the CPU goes to answering connected clients first.
-const PIPELINE_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority by `PIPELINE_NICE` (on Linux `nice` is per thread,
-/// and `None` means the calling one).
-fn lower_thread_priority() {
+/// Lowers the calling thread's priority by `steps` of `nice` (`limits.pipeline_nice`; on
+/// Linux `nice` is per thread, and `None` means the calling one).
+fn lower_thread_priority(steps: i32) {
     /// The lowest priority `nice` allows.
     const NICE_MAX: i32 = 19;
+    if steps == 0 {
+        return;
+    }
     let lowered = rustix::process::getpriority_process(None)
-        .map(|nice| (nice + PIPELINE_NICE).min(NICE_MAX))
+        .map(|nice| (nice + steps).min(NICE_MAX))
         .and_then(|nice| rustix::process::setpriority_process(None, nice));
     if let Err(error) = lowered {
         tracing::debug!(%error, "could not lower the pipeline thread's priority");
@@ -92,11 +94,11 @@ fn lower_thread_priority() {
 }
 
 impl PipelineRuntime {
-    fn start(threads: usize) -> std::io::Result<PipelineRuntime> {
+    fn start(threads: usize, nice: i32) -> std::io::Result<PipelineRuntime> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("ferry-pipeline")
-            .on_thread_start(lower_thread_priority)
+            .on_thread_start(move || lower_thread_priority(nice))
             .enable_all()
             .build()?;
         let handle = runtime.handle().clone();
@@ -141,12 +143,13 @@ pub async fn serve_until(
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use crate::config::PIPELINE_NICE_DEFAULT;
 
     #[test]
     fn pipeline_threads_run_at_a_lower_priority_than_the_rest() {
         let (before, after) = std::thread::spawn(|| {
             let before = rustix::process::getpriority_process(None).expect("nice");
-            lower_thread_priority();
+            lower_thread_priority(PIPELINE_NICE_DEFAULT);
             (
                 before,
                 rustix::process::getpriority_process(None).expect("nice"),
@@ -155,7 +158,7 @@ mod tests {
         .join()
         .expect("thread");
         // `nice` stops at 19.
-        assert_eq!(after, (before + PIPELINE_NICE).min(19));
+        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(19));
         assert_eq!(
             rustix::process::getpriority_process(None).expect("nice"),
             before,
