@@ -2,7 +2,7 @@
 
 mod support;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use support::net::{connect_client, next_text, Running};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
@@ -130,5 +130,58 @@ async fn a_frame_sent_right_behind_the_upgrade_request_is_not_lost() {
     let text = String::from_utf8_lossy(&seen);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.contains("\"connected\""), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_closing_gets_its_close_answered_and_is_forgotten() {
+    let server = Running::start(1 << 20).await;
+    let mut pinger = server.ws("/").await;
+    connect_client(&mut pinger, "10:pinger:tab").await;
+    let mut leaving = Vec::new();
+    for n in 0..20 {
+        let mut socket = server.ws("/").await;
+        connect_client(&mut socket, &format!("{}:leaver:tab", 100 + n)).await;
+        leaving.push(socket);
+    }
+    assert_eq!(server.server.hub.connection_count(), 21);
+    for socket in &mut leaving {
+        socket.send(Message::Close(None)).await.expect("send close");
+    }
+    for mut socket in leaving {
+        // The server's close answer completes the closing handshake: the stream then ends.
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                match socket.next().await {
+                    Some(Ok(Message::Close(_))) => break true,
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) | None => break false,
+                }
+            }
+        })
+        .await
+        .expect("close answered in time");
+        assert!(
+            answered,
+            "the server answers a close frame with a close frame"
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server.server.hub.connection_count() > 1 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        server.server.hub.connection_count(),
+        1,
+        "the leavers are forgotten"
+    );
+    pinger
+        .send(Message::text(r#"["ping",1]"#))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut pinger).await.as_deref(),
+        Some(r#"["pong",0]"#)
+    );
     server.stop().await;
 }

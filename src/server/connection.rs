@@ -191,8 +191,8 @@ struct Connection {
 /// Runs one connection until it closes.
 pub async fn run<S, K, E>(server: Arc<Server>, mut incoming: S, mut outgoing: K, peer: Peer)
 where
-    S: Stream<Item = Inbound> + Unpin,
-    K: Sink<String, Error = E> + Unpin,
+    S: Stream<Item = Inbound> + Unpin + Send + 'static,
+    K: Sink<String, Error = E> + Unpin + Send + 'static,
     E: Display,
 {
     let limits = &server.config.limits;
@@ -297,16 +297,38 @@ where
         }
     }
     if server.is_shutting_down() {
+        // Shutdown waits for the hub to empty, so the socket is closed before unregistering.
         conn.drain(&mut outgoing).await;
+        close_socket(&mut outgoing).await;
+        if let Some(handle) = conn.handle.take() {
+            server.hub.unregister(&handle);
+        }
+        return;
     }
-    // A client that does not read cannot take the close frame either: do not wait for it.
+    if let Some(handle) = conn.handle.take() {
+        server.hub.unregister(&handle);
+    }
+    // Closing a socket (the close frame, the close syscall) costs tens of microseconds; when
+    // a network blip drops thousands of clients at once, that work would stand in line in
+    // front of the connected clients' pings. The pipeline runtime, at its lower priority,
+    // does it instead.
+    server.spawn_pipeline(async move {
+        close_socket(&mut outgoing).await;
+        drop(incoming);
+    });
+}
+
+/// Sends the close and lets the socket go; a client that does not read cannot take the close
+/// frame either, so this does not wait for it longer than `CLOSE_WAIT_MS`.
+async fn close_socket<K, E>(outgoing: &mut K)
+where
+    K: Sink<String, Error = E> + Unpin,
+    E: Display,
+{
     match tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), outgoing.close()).await {
         Ok(Err(error)) => tracing::debug!(%error, "closing a connection failed"),
         Err(_) => tracing::debug!("a client did not take the close; dropping the socket"),
         Ok(Ok(())) => {}
-    }
-    if let Some(handle) = conn.handle.take() {
-        server.hub.unregister(&handle);
     }
 }
 
