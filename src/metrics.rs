@@ -42,6 +42,13 @@ pub struct Metrics {
     pub log_disk_bytes: IntGauge,
     /// 1 while the log refuses writes after a failure.
     pub log_poisoned: IntGauge,
+    /// Log reads by `result`: `hit` when the window of recent entries had the entry,
+    /// `miss` when it came from storage.
+    pub log_recent_reads: IntCounterVec,
+    /// `log_recent_reads` for `hit`, resolved once (it is counted per entry read).
+    pub log_recent_hits: IntCounter,
+    /// `log_recent_reads` for `miss`.
+    pub log_recent_misses: IntCounter,
     /// Channel subscriptions (read on scrape).
     pub subscriptions: IntGauge,
     /// Protocol errors sent, by wire `kind`.
@@ -135,6 +142,13 @@ impl Metrics {
             &["hook"],
         )
         .expect("valid metric");
+        let log_recent_reads = counter_vec(
+            "ferry_log_recent_reads_total",
+            "Log entry reads by result: hit when the window of recent entries had it.",
+            &["result"],
+        );
+        let log_recent_hits = log_recent_reads.with_label_values(&["hit"]);
+        let log_recent_misses = log_recent_reads.with_label_values(&["miss"]);
         let metrics = Metrics {
             registry: Registry::new(),
             connections,
@@ -175,6 +189,9 @@ impl Metrics {
                 "ferry_log_poisoned",
                 "1 while the log refuses writes after a failed write.",
             ),
+            log_recent_reads,
+            log_recent_hits,
+            log_recent_misses,
             subscriptions: gauge("ferry_subscriptions", "Channel subscriptions."),
             protocol_errors: counter_vec(
                 "ferry_protocol_errors_total",
@@ -238,6 +255,7 @@ impl Metrics {
             Box::new(metrics.log_head.clone()),
             Box::new(metrics.log_disk_bytes.clone()),
             Box::new(metrics.log_poisoned.clone()),
+            Box::new(metrics.log_recent_reads.clone()),
             Box::new(metrics.subscriptions.clone()),
             Box::new(metrics.protocol_errors.clone()),
             Box::new(metrics.slow_consumers.clone()),

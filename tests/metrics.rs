@@ -95,3 +95,47 @@ async fn metrics_pass_promtool_and_count_connections_and_actions() {
     promtool_check(text).unwrap_or_else(|problems| panic!("promtool: {problems}\n{text}"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn reading_recent_history_counts_as_a_hit_of_the_recent_window() {
+    let server = Running::start(1 << 20).await;
+    let mut author = server.ws("/").await;
+    connect_client(&mut author, "10:abc:tab").await;
+    author
+        .send(Message::text(
+            r#"["sync",1,{"type":"chat/message","channel":"room/1"},{"id":1,"time":1}]"#,
+        ))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_text(&mut author).await.as_deref(),
+        Some(r#"["synced",1]"#)
+    );
+    let mut reader = server.ws("/").await;
+    connect_client(&mut reader, "20:def:tab").await;
+    reader
+        .send(Message::text(
+            r#"["sync",1,{"type":"logux/subscribe","channel":"room/1"},{"id":1,"time":1}]"#,
+        ))
+        .await
+        .expect("send");
+    let mut frames = Vec::new();
+    while !frames
+        .iter()
+        .any(|frame: &String| frame.contains(r#""type":"chat/message""#))
+    {
+        assert!(frames.len() < 5, "no history among {frames:?}");
+        frames.push(next_text(&mut reader).await.expect("a frame"));
+    }
+
+    let response = server.http_get("/metrics").await;
+    let text = &response[response.find("\r\n\r\n").map_or(0, |at| at + 4)..];
+    let hits = value(text, r#"ferry_log_recent_reads_total{result="hit"}"#);
+    assert!(hits.unwrap_or(0.0) >= 1.0, "{text}");
+    assert_eq!(
+        value(text, r#"ferry_log_recent_reads_total{result="miss"}"#),
+        Some(0.0),
+        "{text}"
+    );
+    server.stop().await;
+}

@@ -82,6 +82,10 @@ pub trait CommitListener: Send + Sync + 'static {
 
     /// A write or flush failed and the log is now poisoned (metrics and alerts).
     fn write_failed(&self, _reason: &str) {}
+
+    /// A reader asked for the entry at one position: `true` when the window of recent
+    /// entries had it, `false` when it went to storage (metrics: sizes `log_recent_bytes`).
+    fn recent_read(&self, _hit: bool) {}
 }
 
 /// Keeps per-object state next to the log: the writer calls it for every stored entry, in
@@ -200,6 +204,8 @@ struct Shared {
     poison: Mutex<Option<String>>,
     /// The newest durable entries, decoded.
     recent: RecentEntries,
+    /// Told whether reads found their entry in `recent`.
+    listener: Arc<dyn CommitListener>,
 }
 
 impl Shared {
@@ -222,8 +228,10 @@ impl Shared {
     /// The entry stored at `added`, if it is still there.
     fn entry_at(&self, added: u64) -> Result<Option<Arc<Entry>>, LogError> {
         if let Some(entry) = self.recent.get(added) {
+            self.listener.recent_read(true);
             return Ok(Some(entry));
         }
+        self.listener.recent_read(false);
         let key = entry_key(added);
         match self.db.get(key)? {
             Some(value) => Ok(Some(Arc::new(decode_entry(&key, &value)?))),
@@ -332,6 +340,7 @@ impl Log {
             group_commits: AtomicU64::new(0),
             poison: Mutex::new(None),
             recent: RecentEntries::new(options.recent_bytes),
+            listener: Arc::clone(&listener),
         });
         let (sender, receiver) = mpsc::channel(options.writer_queue_len.max(1));
         let (stopped_sender, stopped) = watch::channel(false);

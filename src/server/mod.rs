@@ -128,6 +128,14 @@ impl CommitListener for Committed {
         self.metrics.log_write_failures.inc();
         self.metrics.log_poisoned.set(1);
     }
+
+    fn recent_read(&self, hit: bool) {
+        if hit {
+            self.metrics.log_recent_hits.inc();
+        } else {
+            self.metrics.log_recent_misses.inc();
+        }
+    }
 }
 
 /// The `(ms, seq)` of the newest action id of `node_id` among the last log entries.
