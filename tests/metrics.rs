@@ -6,7 +6,9 @@ use futures_util::SinkExt;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use support::net::{connect_client, next_text, Running};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 /// `promtool check metrics` on `text`; scripts/test.sh installs promtool when it is missing.
 fn promtool_check(text: &str) -> Result<(), String> {
@@ -46,11 +48,10 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .and_then(|number| number.parse().ok())
 }
 
-#[tokio::test]
-async fn metrics_pass_promtool_and_count_connections_and_actions() {
-    let server = Running::start(1 << 20).await;
+/// Connects a client as `node` and has it send one chat message to `room/1`, stored.
+async fn client_sending_a_message(server: &Running, node: &str) -> WebSocketStream<TcpStream> {
     let mut socket = server.ws("/").await;
-    connect_client(&mut socket, "10:abc:tab").await;
+    connect_client(&mut socket, node).await;
     socket
         .send(Message::text(
             r#"["sync",1,{"type":"chat/message","channel":"room/1"},{"id":1,"time":1}]"#,
@@ -61,13 +62,25 @@ async fn metrics_pass_promtool_and_count_connections_and_actions() {
         next_text(&mut socket).await.as_deref(),
         Some(r#"["synced",1]"#)
     );
+    socket
+}
+
+/// The body of `GET /metrics`.
+async fn scrape(server: &Running) -> String {
+    let response = server.http_get("/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response[response.find("\r\n\r\n").map_or(0, |at| at + 4)..].to_owned()
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_count_connections_and_actions() {
+    let server = Running::start(1 << 20).await;
+    let _socket = client_sending_a_message(&server, "10:abc:tab").await;
     let mut bad = server.ws("/").await;
     bad.send(Message::text("hello")).await.expect("send");
     assert!(next_text(&mut bad).await.is_some());
 
-    let response = server.http_get("/metrics").await;
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let text = &response[response.find("\r\n\r\n").map_or(0, |at| at + 4)..];
+    let text = &scrape(&server).await;
     assert_eq!(
         value(
             text,
@@ -99,18 +112,7 @@ async fn metrics_pass_promtool_and_count_connections_and_actions() {
 #[tokio::test]
 async fn reading_recent_history_counts_as_a_hit_of_the_recent_window() {
     let server = Running::start(1 << 20).await;
-    let mut author = server.ws("/").await;
-    connect_client(&mut author, "10:abc:tab").await;
-    author
-        .send(Message::text(
-            r#"["sync",1,{"type":"chat/message","channel":"room/1"},{"id":1,"time":1}]"#,
-        ))
-        .await
-        .expect("send");
-    assert_eq!(
-        next_text(&mut author).await.as_deref(),
-        Some(r#"["synced",1]"#)
-    );
+    let _author = client_sending_a_message(&server, "10:abc:tab").await;
     let mut reader = server.ws("/").await;
     connect_client(&mut reader, "20:def:tab").await;
     reader
@@ -128,8 +130,7 @@ async fn reading_recent_history_counts_as_a_hit_of_the_recent_window() {
         frames.push(next_text(&mut reader).await.expect("a frame"));
     }
 
-    let response = server.http_get("/metrics").await;
-    let text = &response[response.find("\r\n\r\n").map_or(0, |at| at + 4)..];
+    let text = &scrape(&server).await;
     let hits = value(text, r#"ferry_log_recent_reads_total{result="hit"}"#);
     assert!(hits.unwrap_or(0.0) >= 1.0, "{text}");
     assert_eq!(

@@ -100,15 +100,11 @@ impl RecentEntries {
     /// Forgets the entries with `added < before` (retention removed them).
     pub(super) fn remove_before(&self, before: u64) {
         let mut window = self.lock();
-        while window
+        let cut = window
             .entries
-            .front()
-            .is_some_and(|(added, _, _)| *added < before)
-        {
-            if let Some((_, _, size)) = window.entries.pop_front() {
-                window.bytes = window.bytes.saturating_sub(size);
-            }
-        }
+            .partition_point(|(added, _, _)| *added < before);
+        let freed: usize = window.entries.drain(..cut).map(|(_, _, size)| size).sum();
+        window.bytes = window.bytes.saturating_sub(freed);
     }
 
     /// Number of entries kept (tests).

@@ -296,26 +296,25 @@ where
             break;
         }
     }
-    if server.is_shutting_down() {
+    let shutting_down = server.is_shutting_down();
+    if shutting_down {
         // Shutdown waits for the hub to empty, so the socket is closed before unregistering.
         conn.drain(&mut outgoing).await;
         close_socket(&mut outgoing).await;
-        if let Some(handle) = conn.handle.take() {
-            server.hub.unregister(&handle);
-        }
-        return;
     }
     if let Some(handle) = conn.handle.take() {
         server.hub.unregister(&handle);
     }
-    // Closing a socket (the close frame, the close syscall) costs tens of microseconds; when
-    // a network blip drops thousands of clients at once, that work would stand in line in
-    // front of the connected clients' pings. The pipeline runtime, at its lower priority,
-    // does it instead.
-    server.spawn_pipeline(async move {
-        close_socket(&mut outgoing).await;
-        drop(incoming);
-    });
+    if !shutting_down {
+        // Closing a socket (the close frame, the close syscall) costs tens of microseconds;
+        // when a network blip drops thousands of clients at once, that work would stand in
+        // line in front of the connected clients' pings. The pipeline runtime, at its lower
+        // priority, does it instead.
+        server.spawn_pipeline(async move {
+            close_socket(&mut outgoing).await;
+            drop(incoming);
+        });
+    }
 }
 
 /// Sends the close and lets the socket go; a client that does not read cannot take the close
