@@ -7,6 +7,7 @@ pub mod config;
 pub mod crdt;
 pub mod log;
 pub mod metrics;
+pub mod peer;
 pub mod protocol;
 pub mod rules;
 pub mod run;

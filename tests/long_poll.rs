@@ -4,7 +4,7 @@
 mod support;
 
 use ferry::config::Config;
-use ferry::server::connection::Peer;
+use ferry::peer::Peer;
 use ferry::transports::http::ServeOptions;
 use serde_json::json;
 use std::sync::{Arc, Mutex};

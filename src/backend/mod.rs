@@ -15,7 +15,7 @@ use crate::action::{Entry, Meta, NodeIds};
 use crate::clock::Clock;
 use crate::config::{BackendConfig, Hook, RuleHooks};
 use crate::metrics::Metrics;
-use crate::server::connection::Peer;
+use crate::peer::Peer;
 use crate::transports::http_client::HttpClient;
 use crate::transports::tls::TlsError;
 use serde_json::{json, Map, Value};

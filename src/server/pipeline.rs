@@ -11,13 +11,13 @@
 //! on its own. A client's unrelated offline actions are not lost because one was denied.
 
 use super::admission::HeavyPermit;
-use super::connection::Peer;
 use super::hub::{ConnHandle, Outbound};
 use super::Server;
 use crate::action::{Entry, Meta};
 use crate::backend::{self, Decision, HookContext};
 use crate::config::{Hook, RuleHooks};
 use crate::log::{AppendOutcome, DurableHook, LogError, PendingAppend, TaskOp};
+use crate::peer::Peer;
 use crate::protocol::{IncomingEntry, IncomingSync};
 use crate::rules::{ActionDecision, SubscribeDecision, SyncMapChannel, SyncMapOp};
 use serde_json::{json, Map, Value};

@@ -2,7 +2,7 @@
 //! path, and the long-poll endpoints under `/lp/`.
 
 use super::long_poll::{self, LongPoll};
-use crate::server::connection::Peer;
+use crate::peer::Peer;
 use crate::server::Server;
 use dashmap::DashMap;
 use hyper::body::Incoming;

@@ -1,8 +1,9 @@
 //! WebSocket transport: upgrades an HTTP request and adapts the socket to the connection's
 //! frame stream and sink.
 
+use crate::peer::Peer;
 use crate::protocol::ProtocolError;
-use crate::server::connection::{self, Inbound, Peer};
+use crate::server::connection::{self, Inbound};
 use crate::server::Server;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;

@@ -8,7 +8,8 @@ pub mod net;
 
 use ferry::clock::ManualClock;
 use ferry::config::Config;
-use ferry::server::connection::{self, Inbound, Peer};
+use ferry::peer::Peer;
+use ferry::server::connection::{self, Inbound};
 use ferry::server::Server;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
