@@ -235,3 +235,59 @@ async fn retention_keeps_only_the_newest_actions_and_subscribers_get_what_is_lef
         .collect();
     assert_eq!(numbers, vec![serde_json::json!(4), serde_json::json!(5)]);
 }
+
+#[tokio::test]
+async fn a_sync_with_4000_subscriptions_then_more_syncs_and_a_ping_is_answered_in_full() {
+    // A client with thousands of SyncMap objects re-subscribes after a reconnect, then goes on
+    // sending: more answers than the outbox holds, and more `sync`s than the worker's queue.
+    let server = TestServer::start(TEST_CONFIG);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    const SUBSCRIPTIONS: usize = 4_000;
+    let mut frame = String::from(r#"["sync",4000"#);
+    for n in 1..=SUBSCRIPTIONS {
+        frame.push_str(&format!(
+            r#",{{"type":"logux/subscribe","channel":"room/{n}"}},{{"id":{n},"time":{n}}}"#
+        ));
+    }
+    frame.push(']');
+    client.send(&frame).await;
+    const SMALL_SYNCS: u64 = 17;
+    for n in 1..=SMALL_SYNCS {
+        let id = SUBSCRIPTIONS as u64 + n;
+        client
+            .send(&format!(
+                r#"["sync",{id},{{"type":"room/message","room":"x","n":{n}}},{{"id":{id},"time":{id}}}]"#
+            ))
+            .await;
+    }
+    client.send(r#"["ping",7]"#).await;
+    let mut synced = Vec::new();
+    let mut pong = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !pong || synced.len() < 1 + SMALL_SYNCS as usize {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still waiting: {} synced, pong {pong}",
+            synced.len()
+        );
+        let Some(frame) = client.try_recv(Duration::from_secs(10)).await else {
+            panic!(
+                "no answer for 10 s (or closed): {} synced, pong {pong}",
+                synced.len()
+            );
+        };
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => synced.push(message[1].as_u64().expect("added")),
+            Some("pong") => pong = true,
+            Some("sync") => {}
+            other => panic!("unexpected {other:?}: {frame}"),
+        }
+    }
+    let expected: Vec<u64> = std::iter::once(SUBSCRIPTIONS as u64)
+        .chain((1..=SMALL_SYNCS).map(|n| SUBSCRIPTIONS as u64 + n))
+        .collect();
+    assert_eq!(synced, expected, "every sync answered, in order");
+}

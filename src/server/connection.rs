@@ -124,6 +124,12 @@ struct Connection {
     recent: RecentlySent,
     /// Highest position sent by a catch-up or covered by a snapshot.
     catchup_max: u64,
+    /// `sync`s received but not yet handed to the worker, oldest first, each with the time it
+    /// arrived. While any waits (the worker's queue or the action budget is full), nothing
+    /// more is read from the socket: that is the backpressure on a client that sends faster
+    /// than its actions are stored. The connection never awaits the worker's queue, so it
+    /// keeps writing the answers the worker produces and its timers keep running.
+    waiting: VecDeque<(Instant, IncomingSync)>,
     /// Frames to write before the next flush.
     pending_frames: Vec<String>,
     close: bool,
@@ -159,6 +165,7 @@ where
         held: Vec::new(),
         recent: RecentlySent::default(),
         catchup_max: 0,
+        waiting: VecDeque::new(),
         pending_frames: Vec::new(),
         close: false,
     };
@@ -179,7 +186,7 @@ where
             }
             result = auth_result(&mut conn.auth) => {
                 conn.auth = None;
-                conn.finish_auth(result).await;
+                conn.finish_auth(result);
                 if conn.handle.is_some() {
                     gauge.set("admitted");
                 }
@@ -202,17 +209,19 @@ where
                     None => conn.close = true,
                 }
             }
-            frame = incoming.next() => {
+            _ = room_for_waiting(&conn.waiting, &conn.pipeline_budget, conn.jobs.as_ref()),
+                if !conn.waiting.is_empty() => {}
+            frame = incoming.next(), if conn.waiting.is_empty() => {
                 idle_deadline = Instant::now() + idle;
                 match frame {
                     Some(Inbound::Text(text)) => {
                         let now = server.clock.now_ms();
                         let outputs = conn.session.receive(&text, now);
-                        conn.execute(outputs).await;
+                        conn.execute(outputs);
                     }
                     Some(Inbound::Invalid(error)) => {
                         let outputs = conn.session.fail(error);
-                        conn.execute(outputs).await;
+                        conn.execute(outputs);
                     }
                     None => conn.close = true,
                 }
@@ -225,6 +234,7 @@ where
                 conn.close = true;
             }
         }
+        conn.dispatch_waiting();
         if !conn.pending_frames.is_empty() {
             // Traffic in either direction keeps a connection alive, as the Logux ping timer
             // does: a client busy receiving a long catch-up sends no ping.
@@ -332,6 +342,29 @@ async fn worker_finished(worker: &mut Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// Resolves once the oldest waiting `sync` may fit: the action budget has its share and the
+/// worker's queue has a slot (or is closed, and a successor will take it). Only the connection
+/// task takes budget and slots, so the room seen here is still there for `dispatch_waiting`.
+async fn room_for_waiting(
+    waiting: &VecDeque<(Instant, IncomingSync)>,
+    budget: &tokio::sync::Semaphore,
+    jobs: Option<&mpsc::Sender<Job>>,
+) {
+    let Some((_, sync)) = waiting.front() else {
+        return pending().await;
+    };
+    if budget
+        .acquire_many(Connection::budget_of(sync))
+        .await
+        .is_err()
+    {
+        return pending().await;
+    }
+    if let Some(jobs) = jobs {
+        let _ = jobs.reserve().await;
+    }
+}
+
 async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
     match outbox {
         Some(receiver) => receiver.recv().await,
@@ -340,7 +373,7 @@ async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<
 }
 
 impl Connection {
-    async fn execute(&mut self, outputs: Vec<Output>) {
+    fn execute(&mut self, outputs: Vec<Output>) {
         for output in outputs {
             match output {
                 Output::Frame(frame) => self.pending_frames.push(frame),
@@ -359,30 +392,51 @@ impl Connection {
                 Output::Close => self.close = true,
                 Output::Authenticate(request) => self.start_auth(request),
                 Output::Actions(sync) => {
-                    if self.handle.is_none() {
-                        continue;
-                    }
-                    // Waiting here is the backpressure on a client that sends faster than
-                    // its actions can be stored.
-                    let actions = u32::try_from(sync.entries.len())
-                        .unwrap_or(u32::MAX)
-                        .clamp(1, PIPELINE_QUEUE_ACTIONS_MAX);
-                    let budget = Arc::clone(&self.pipeline_budget);
-                    let Ok(permit) = budget.acquire_many_owned(actions).await else {
-                        self.close = true;
-                        continue;
-                    };
-                    let job: Job = Box::new((Instant::now(), sync, permit));
-                    let refused = match &self.jobs {
-                        Some(jobs) => jobs.send(job).await.err().map(|error| error.0),
-                        None => Some(job),
-                    };
-                    // The worker retired (or is retiring): a successor takes the job.
-                    if let Some(job) = refused {
-                        self.start_worker(WorkerStart::Successor(job));
+                    if self.handle.is_some() {
+                        self.waiting.push_back((Instant::now(), sync));
                     }
                 }
             }
+        }
+        self.dispatch_waiting();
+    }
+
+    /// The share of the queue budget a `sync` takes.
+    fn budget_of(sync: &IncomingSync) -> u32 {
+        u32::try_from(sync.entries.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, PIPELINE_QUEUE_ACTIONS_MAX)
+    }
+
+    /// Hands waiting `sync`s to the worker, in order, as far as its queue and the action
+    /// budget allow, without waiting; a retired worker gets a successor.
+    fn dispatch_waiting(&mut self) {
+        while let Some((_, sync)) = self.waiting.front() {
+            let budget = Arc::clone(&self.pipeline_budget);
+            let Ok(permit) = budget.try_acquire_many_owned(Self::budget_of(sync)) else {
+                return;
+            };
+            let slot = match self.jobs.clone() {
+                Some(jobs) => match jobs.try_reserve_owned() {
+                    Ok(slot) => Some(slot),
+                    Err(mpsc::error::TrySendError::Full(_)) => return,
+                    Err(mpsc::error::TrySendError::Closed(_)) => None,
+                },
+                None => None,
+            };
+            let Some((received, sync)) = self.waiting.pop_front() else {
+                return;
+            };
+            let job: Job = Box::new((received, sync, permit));
+            let job = match slot {
+                Some(slot) => {
+                    slot.send(job);
+                    continue;
+                }
+                None => job,
+            };
+            // The worker retired (or is retiring): a successor takes the job.
+            self.start_worker(WorkerStart::Successor(job));
         }
     }
 
@@ -488,18 +542,18 @@ impl Connection {
         self.auth = Some(rx);
     }
 
-    async fn finish_auth(&mut self, result: AuthResult) {
+    fn finish_auth(&mut self, result: AuthResult) {
         let permit = match result {
             AuthResult::Admitted(permit) => permit,
             AuthResult::WrongSubprotocol => {
                 let outputs = self.session.auth_wrong_subprotocol();
-                self.execute(outputs).await;
+                self.execute(outputs);
                 return;
             }
             AuthResult::Denied => {
                 tracing::info!(addr = %self.peer.addr, transport = self.peer.transport, "authentication failed");
                 let outputs = self.session.auth_failed();
-                self.execute(outputs).await;
+                self.execute(outputs);
                 return;
             }
             AuthResult::NotAdmitted => {
@@ -531,7 +585,7 @@ impl Connection {
             .inc();
         tracing::debug!(node = %remote.ids.node_id, transport = self.peer.transport, "client authenticated");
         let outputs = self.session.authenticated(self.server.clock.now_ms());
-        self.execute(outputs).await;
+        self.execute(outputs);
     }
 
     /// Starts a pipeline worker with a fresh queue. The first one sends the connect
