@@ -198,6 +198,13 @@ struct Shared {
     db: sled::Db,
     /// Highest durable `added`; readers never look above it.
     head: AtomicU64,
+    /// The same head, for readers that wait for a position to become durable. Also woken
+    /// (unchanged) when the log is poisoned or its writer stops, so no waiter hangs.
+    head_changed: watch::Sender<u64>,
+    /// Test hook: when set, the flusher takes one permit before each flush, so a test can
+    /// hold applied groups between their write and their flush.
+    #[cfg(test)]
+    flush_gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
     /// Number of group commits that wrote entries, to observe batching.
     group_commits: AtomicU64,
     /// Why the log refuses writes, once a write failed.
@@ -217,12 +224,26 @@ impl Shared {
             .clone()
     }
 
-    /// Makes the log refuse writes from now on; the first reason wins.
+    /// Makes the log refuse writes from now on; the first reason wins. Wakes the readers
+    /// waiting for positions that will now never become durable.
     fn poison(&self, reason: &str) {
-        let mut poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
-        if poison.is_none() {
-            *poison = Some(reason.to_owned());
+        {
+            let mut poison = self.poison.lock().unwrap_or_else(PoisonError::into_inner);
+            if poison.is_none() {
+                *poison = Some(reason.to_owned());
+            }
         }
+        self.head_changed.send_modify(|_| {});
+    }
+
+    /// Moves the durable head up to `added` and wakes its waiters.
+    fn advance_head(&self, added: u64) {
+        self.head.fetch_max(added, Ordering::AcqRel);
+        self.head_changed.send_if_modified(|head| {
+            let moved = added > *head;
+            *head = (*head).max(added);
+            moved
+        });
     }
 
     /// The entry stored at `added`, if it is still there.
@@ -337,6 +358,9 @@ impl Log {
         let shared = Arc::new(Shared {
             db,
             head: AtomicU64::new(head),
+            head_changed: watch::Sender::new(head),
+            #[cfg(test)]
+            flush_gate: Mutex::new(None),
             group_commits: AtomicU64::new(0),
             poison: Mutex::new(None),
             recent: RecentEntries::new(options.recent_bytes),
@@ -426,23 +450,56 @@ impl Log {
         self.inner.shared.group_commits.load(Ordering::Relaxed)
     }
 
-    /// The stored state of one object.
-    pub fn state(&self, object: &str) -> Result<Option<ObjectState>, LogError> {
-        let key = keys::state_key(object);
-        match self.inner.shared.db.get(&key)? {
-            Some(value) => decode_state(object, &key, &value).map(Some),
-            None => Ok(None),
+    /// Waits until every position up to `added` is durable. Fails when it never will be:
+    /// the log is poisoned (a write or flush failed) or closed.
+    pub async fn durable(&self, added: u64) -> Result<(), LogError> {
+        let shared = &self.inner.shared;
+        let mut head = shared.head_changed.subscribe();
+        let mut stopped = self.inner.stopped.clone();
+        loop {
+            if *head.borrow_and_update() >= added {
+                return Ok(());
+            }
+            if let Some(reason) = shared.poison_reason() {
+                return Err(LogError::Poisoned(reason));
+            }
+            if *stopped.borrow_and_update() {
+                return Err(LogError::Closed);
+            }
+            let woken = tokio::select! {
+                woken = head.changed() => woken,
+                woken = stopped.changed() => woken,
+            };
+            if woken.is_err() {
+                return Err(LogError::Closed);
+            }
         }
     }
 
-    /// The stored states of every object whose key starts with `prefix`, in key order.
-    pub fn states_with_prefix(&self, prefix: &str) -> Result<Vec<ObjectState>, LogError> {
+    /// The durable state of one object. The writer applies a group's states before the
+    /// group is flushed, so a state that covers entries not yet durable is returned only
+    /// once they are (and never when their flush fails).
+    pub async fn state(&self, object: &str) -> Result<Option<ObjectState>, LogError> {
+        let key = keys::state_key(object);
+        let state = match self.inner.shared.db.get(&key)? {
+            Some(value) => decode_state(object, &key, &value)?,
+            None => return Ok(None),
+        };
+        self.durable(state.added).await?;
+        Ok(Some(state))
+    }
+
+    /// The durable states of every object whose key starts with `prefix`, in key order (see
+    /// `state`).
+    pub async fn states_with_prefix(&self, prefix: &str) -> Result<Vec<ObjectState>, LogError> {
         let mut states = Vec::new();
         for item in self.inner.shared.db.scan_prefix(keys::state_key(prefix)) {
             let (key, value) = item?;
             let object = String::from_utf8_lossy(&key[1..]).into_owned();
             states.push(decode_state(&object, &key, &value)?);
         }
+        let newest = states.iter().map(|state| state.added).max().unwrap_or(0);
+        self.durable(newest).await?;
         Ok(states)
     }
 

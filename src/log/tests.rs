@@ -732,3 +732,109 @@ async fn reads_answer_the_same_from_the_recent_window_as_from_storage() {
     cached.close().await.expect("close");
     stored.close().await.expect("close");
 }
+
+/// Counts the entries of one object `obj`: its state is the count as text.
+struct CountingReducer;
+
+impl StateReducer for CountingReducer {
+    fn object_key(&self, _entry: &Entry) -> Option<String> {
+        Some("obj".to_owned())
+    }
+
+    fn reduce(&self, _key: &str, state: Option<&[u8]>, _entry: &Entry) -> Option<Vec<u8>> {
+        let count: u64 = state
+            .and_then(|bytes| std::str::from_utf8(bytes).ok())
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(0);
+        Some((count + 1).to_string().into_bytes())
+    }
+}
+
+/// A log with `CountingReducer` whose flushes wait for permits of the returned gate.
+fn open_gated(dir: &Path) -> (Log, Arc<tokio::sync::Semaphore>) {
+    let log = Log::open_with_reducer(
+        dir,
+        LogOptions::default(),
+        Arc::new(Recorder::default()),
+        Some(Arc::new(CountingReducer)),
+    )
+    .expect("log opens");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *log.inner.shared.flush_gate.lock().expect("gate lock") = Some(Arc::clone(&gate));
+    (log, gate)
+}
+
+/// Waits until the writer applied (not flushed) the state record of `obj` at `added`.
+async fn state_applied(log: &Log, added: u64) {
+    let key = keys::state_key("obj");
+    for _ in 0..1_000 {
+        let raw = log.inner.shared.db.get(&key).expect("sled get");
+        if raw.is_some_and(|value| value.get(..8) == Some(&added.to_be_bytes()[..])) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("the writer never applied the state at {added}");
+}
+
+#[tokio::test]
+async fn a_state_is_read_only_once_the_entries_it_covers_are_durable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, gate) = open_gated(dir.path());
+    gate.add_permits(1);
+    append_all(&log, vec![entry("1 a 0")]).await;
+    let first = log.state("obj").await.expect("state").expect("stored");
+    assert_eq!((first.added, first.state.as_slice()), (1, &b"1"[..]));
+
+    let pending = log
+        .submit(vec![entry("2 a 0")], Vec::new(), None)
+        .await
+        .expect("queued");
+    state_applied(&log, 2).await;
+    let early = tokio::time::timeout(Duration::from_millis(100), log.state("obj")).await;
+    assert!(early.is_err(), "served a state before its flush: {early:?}");
+
+    gate.add_permits(1);
+    let second = log.state("obj").await.expect("state").expect("stored");
+    assert_eq!((second.added, second.state.as_slice()), (2, &b"2"[..]));
+    assert!(log.head() >= 2);
+    pending.outcomes().await.expect("durable");
+    let all = log.states_with_prefix("ob").await.expect("states");
+    assert_eq!(all, vec![second]);
+}
+
+#[tokio::test]
+async fn a_state_whose_flush_failed_is_never_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, gate) = open_gated(dir.path());
+    gate.add_permits(1);
+    append_all(&log, vec![entry("1 a 0")]).await;
+    let pending = log
+        .submit(vec![entry("2 a 0")], Vec::new(), None)
+        .await
+        .expect("queued");
+    state_applied(&log, 2).await;
+    let reader = {
+        let log = log.clone();
+        tokio::spawn(async move { log.state("obj").await })
+    };
+    let prefix_reader = {
+        let log = log.clone();
+        tokio::spawn(async move { log.states_with_prefix("obj").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The flush of the second group fails: the log is poisoned before it could be durable.
+    log.inner.shared.poison("disk on fire");
+    gate.add_permits(1);
+    assert!(matches!(
+        pending.outcomes().await,
+        Err(LogError::Poisoned(_))
+    ));
+    let read = reader.await.expect("reader task");
+    assert!(
+        matches!(read, Err(LogError::Poisoned(_))),
+        "a state that never became durable was served: {read:?}"
+    );
+    let read = prefix_reader.await.expect("reader task");
+    assert!(matches!(read, Err(LogError::Poisoned(_))), "{read:?}");
+}

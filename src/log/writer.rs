@@ -67,6 +67,8 @@ impl Flusher {
             while let Ok(more) = self.receiver.try_recv() {
                 groups.push(more);
             }
+            #[cfg(test)]
+            self.wait_for_gate().await;
             let failure = if let Some(reason) = self.shared.poison_reason() {
                 Some(reason)
             } else if groups.iter().any(|group| group.wrote) {
@@ -97,6 +99,22 @@ impl Flusher {
         }
     }
 
+    /// Test hook: waits for a permit of the flush gate, when a test set one.
+    #[cfg(test)]
+    async fn wait_for_gate(&self) {
+        let gate = self
+            .shared
+            .flush_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(gate) = gate {
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+        }
+    }
+
     /// The group is durable: move the head, then hooks, the listener and the replies.
     fn answer(&self, group: Applied) {
         let Applied {
@@ -112,7 +130,7 @@ impl Flusher {
             // Before the head moves: retention never removes above the head, so it cannot
             // have removed these yet.
             self.shared.recent.push(&stored, &stored_bytes);
-            self.shared.head.fetch_max(last_added, Ordering::AcqRel);
+            self.shared.advance_head(last_added);
             self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
         }
         for request in &mut staged {

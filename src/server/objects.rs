@@ -25,14 +25,9 @@ use crate::rules::Rules;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Type of the snapshot action sent on subscription to a reducer channel.
 pub const STATE_ACTION_TYPE: &str = "ferry/state";
-
-/// How long a subscription waits for the flush of a state it already read (the state record
-/// is written before the flush that makes the entry readable).
-const STATE_FLUSH_WAIT_MS: u64 = 2_000;
 
 /// The log writer's reducer, built from the rules.
 pub struct ObjectReducer {
@@ -86,15 +81,11 @@ impl StateReducer for ObjectReducer {
     }
 }
 
-/// Reads a state and waits until the log's head covers it.
+/// Reads a durable state and decodes it.
 async fn read_state(log: &Log, key: &str) -> Result<Option<(ObjectState, State)>, PipelineError> {
-    let Some(stored) = log.state(key)? else {
+    let Some(stored) = log.state(key).await? else {
         return Ok(None);
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(STATE_FLUSH_WAIT_MS);
-    while log.head() < stored.added && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
     Ok(decode(&stored.state).map(|state| (stored, state)))
 }
 
@@ -223,7 +214,7 @@ impl Worker {
         let filter = action.get("filter");
         let mut page = Vec::new();
         let mut absorbed = Vec::new();
-        for stored in log.states_with_prefix(&format!("{plural}/"))? {
+        for stored in log.states_with_prefix(&format!("{plural}/")).await? {
             let Some(State::LwwMap(object)) = decode(&stored.state) else {
                 continue;
             };
@@ -257,7 +248,7 @@ impl Worker {
         action: &Value,
     ) -> Result<bool, PipelineError> {
         let log = &self.server.log;
-        if log.state(channel)?.is_none() {
+        if log.state(channel).await?.is_none() {
             return Ok(false);
         }
         // With a `since` the log still holds, plain replay is smaller than the state.

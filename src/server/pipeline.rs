@@ -455,7 +455,8 @@ impl Worker {
                     }
                     ActionDecision::SyncMap { plural, id, op } => {
                         in_flight.settle().await?;
-                        self.sync_map_action(entry, &plural, &id, op, batch, debug)?;
+                        self.sync_map_action(entry, &plural, &id, op, batch, debug)
+                            .await?;
                     }
                     ActionDecision::UnknownType => {
                         received.with_label_values(&["unknown_type"]).inc();
@@ -624,7 +625,7 @@ impl Worker {
     /// A SyncMap `create`/`change`/`delete`: stored once as the `created`/`changed`/`deleted`
     /// action other clients receive (with the client's own id and time, so duplicates are
     /// recognised and last-write-wins uses the real time). Deleted objects stay deleted.
-    fn sync_map_action(
+    async fn sync_map_action(
         &self,
         entry: Entry,
         plural: &str,
@@ -634,7 +635,7 @@ impl Worker {
         debug: &mut Vec<String>,
     ) -> Result<(), PipelineError> {
         let key = format!("{plural}/{id}");
-        let deleted = match self.server.log.state(&key)? {
+        let deleted = match self.server.log.state(&key).await? {
             Some(stored) => matches!(
                 super::objects::decode(&stored.state),
                 Some(crate::crdt::State::LwwMap(object)) if object.is_deleted()

@@ -116,7 +116,7 @@ async fn serve(request: Request<Incoming>, server: &Server) -> (Response<String>
     let result = match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/api/v1/actions") => add_actions(server, &body).await,
         (&Method::GET, "/api/v1/channel") => read_channel(server, query),
-        (&Method::GET, "/api/v1/state") => read_state(server, query),
+        (&Method::GET, "/api/v1/state") => read_state(server, query).await,
         _ => Err((StatusCode::NOT_FOUND, "no such API endpoint".to_owned())),
     };
     match result {
@@ -211,13 +211,14 @@ fn read_channel(server: &Server, query: &str) -> ApiResult {
     Ok(json!({"actions": actions, "next": next}))
 }
 
-fn read_state(server: &Server, query: &str) -> ApiResult {
+async fn read_state(server: &Server, query: &str) -> ApiResult {
     let key = query_param(query, "key")
         .filter(|key| !key.is_empty())
         .ok_or_else(|| bad("the query needs key=<object>"))?;
     let stored = server
         .log
         .state(&key)
+        .await
         .map_err(unavailable)?
         .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no state for {key:?}")))?;
     let state = crate::server::objects::decode(&stored.state).ok_or_else(|| {
