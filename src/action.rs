@@ -132,6 +132,11 @@ pub struct Meta {
     /// up, so the log neither checks it for a duplicate nor indexes it. Not stored.
     #[serde(skip)]
     pub fresh_id: bool,
+    /// Set on an answer (`logux/processed`, `logux/undo`) that follows the action it
+    /// answers in the same append: the log stores it only when it stores that action, so a
+    /// re-sent action that races its unflushed original gets no second answer. Not stored.
+    #[serde(skip)]
+    pub answers_previous: bool,
 }
 
 /// One action with its meta: the unit the log stores and the hub routes.

@@ -718,3 +718,69 @@ async fn an_https_backend_is_called_when_its_certificate_is_trusted() {
     );
     backend.stop();
 }
+
+/// The value of one sample of `/metrics`, e.g. `ferry_actions_received_total{outcome="error"}`.
+async fn metric(port: u16, sample: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.expect("tcp");
+    let request = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_undone_by_its_hooks_stays_unsubscribed_and_is_counted_by_reason() {
+    let handler: Handler = Arc::new(|call: &Call| match call.hook.as_str() {
+        "access" if call.body["action"]["channel"] == "orders/666" => {
+            (200, json!({"result": "denied"}))
+        }
+        "load" => (500, json!({})),
+        _ => ok(),
+    });
+    let (backend, _dir, ferry) = start(handler, "").await;
+    let (mut reader, _) = connect(ferry.port, "20:reader:1").await.expect("connect");
+    let subscribe = |channel: &str, id: i64| json!(["sync", id, {"type": "logux/subscribe", "channel": channel}, {"id": id, "time": id}]);
+    send(&mut reader, subscribe("orders/666", 1)).await;
+    send(&mut reader, subscribe("catalog", 2)).await;
+    let frames = read_until(&mut reader, Duration::from_secs(10), |frames| {
+        actions(frames)
+            .iter()
+            .filter(|a| is_type(a, "logux/undo"))
+            .count()
+            >= 2
+    })
+    .await;
+    let reasons: Vec<Value> = actions(&frames)
+        .iter()
+        .filter(|a| is_type(a, "logux/undo"))
+        .map(|a| a["reason"].clone())
+        .collect();
+    assert_eq!(reasons, vec![json!("denied"), json!("error")], "{frames:?}");
+    // An action for the undone channel must not reach the client.
+    let body =
+        r#"{"actions":[{"id":"item-1","action":{"type":"catalog/item"},"channels":["catalog"]}]}"#;
+    let (status, _) = api(ferry.port, "POST", "/api/v1/actions", body, &signed(body)).await;
+    assert_eq!(status, 200);
+    send(&mut reader, json!(["ping", 1])).await;
+    let frames = read_until(&mut reader, Duration::from_secs(10), |frames| {
+        frames.iter().any(|f| f[0] == "pong")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = read_until(&mut reader, Duration::from_millis(300), |_| false).await;
+    assert!(
+        !has_action(&frames, |a| is_type(a, "catalog/item"))
+            && !has_action(&late, |a| is_type(a, "catalog/item")),
+        "an undone subscription still receives its channel: {frames:?} {late:?}"
+    );
+    let outcome = |name: &str| format!("ferry_actions_received_total{{outcome=\"{name}\"}}");
+    assert_eq!(metric(ferry.port, &outcome("denied")).await, 1.0);
+    assert_eq!(metric(ferry.port, &outcome("error")).await, 1.0);
+    assert_eq!(metric(ferry.port, &outcome("not_found")).await, 0.0);
+    ferry.kill();
+    backend.stop();
+}

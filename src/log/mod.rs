@@ -68,7 +68,9 @@ pub const RECENT_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 pub enum AppendOutcome {
     /// Stored at this position.
     Appended(u64),
-    /// An entry with the same id was already stored at this position (or earlier in the batch).
+    /// An entry with the same id was already stored at this position (or earlier in the batch),
+    /// or the entry answers (`Meta::answers_previous`) an action that was such a duplicate:
+    /// then this is the position of that action. Nothing was stored for it.
     Duplicate(u64),
 }
 

@@ -838,3 +838,42 @@ async fn a_state_whose_flush_failed_is_never_served() {
     let read = prefix_reader.await.expect("reader task");
     assert!(matches!(read, Err(LogError::Poisoned(_))), "{read:?}");
 }
+
+/// An action and its answer, as the pipeline stores them.
+fn with_answer(id: &str, answer_id: &str) -> Vec<Entry> {
+    let mut answer = targeted(answer_id, &[], &["10:a"], &[]);
+    answer.meta.fresh_id = true;
+    answer.meta.answers_previous = true;
+    vec![entry(id), answer]
+}
+
+#[tokio::test]
+async fn a_resend_queued_behind_its_unflushed_original_stores_no_second_answer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    // Both appends are queued before either is durable (a client re-sent on a new connection).
+    let first = log
+        .submit(with_answer("1 10:a:1 0", "1 server 0"), Vec::new(), None)
+        .await
+        .expect("queued");
+    let resend = log
+        .submit(with_answer("1 10:a:1 0", "2 server 0"), Vec::new(), None)
+        .await
+        .expect("queued");
+    assert_eq!(
+        first.outcomes().await.expect("durable"),
+        vec![AppendOutcome::Appended(1), AppendOutcome::Appended(2)]
+    );
+    assert_eq!(
+        resend.outcomes().await.expect("durable"),
+        vec![AppendOutcome::Duplicate(1), AppendOutcome::Duplicate(1)]
+    );
+    assert_eq!(ids(&recorder.committed()), vec!["1 10:a:1 0", "1 server 0"]);
+    assert_eq!(log.head(), 2);
+    // An answer to an action stored in the same append is stored.
+    let outcomes = append_all(&log, with_answer("2 10:a:1 0", "3 server 0")).await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Appended(3), AppendOutcome::Appended(4)]
+    );
+}

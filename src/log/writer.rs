@@ -326,6 +326,14 @@ impl Writer {
         for mut entry in entries {
             // Not stored: the entry readers get back from the window must equal the decoded one.
             let fresh_id = std::mem::take(&mut entry.meta.fresh_id);
+            if std::mem::take(&mut entry.meta.answers_previous) {
+                // The action this answers is a duplicate: so is its answer (the original's
+                // answer is stored with the original).
+                if let Some(&AppendOutcome::Duplicate(original)) = outcomes.last() {
+                    outcomes.push(AppendOutcome::Duplicate(original));
+                    continue;
+                }
+            }
             if !fresh_id {
                 match self.existing_added(&entry.meta.id, group_ids) {
                     Ok(Some(existing)) => {

@@ -2,8 +2,11 @@
 //! the protocol core to the log. Transports feed it frames; it knows nothing about sockets.
 
 pub mod admission;
+pub mod answer;
+mod catchup;
 pub mod connection;
 pub mod hub;
+mod judge;
 pub mod objects;
 pub mod pipeline;
 

@@ -16,6 +16,8 @@
 //!   `{type: "ferry/state", channel, kind, state}` with the reducer's snapshot, followed by
 //!   the channel's actions newer than the state.
 
+use super::answer::UndoReason;
+use super::catchup::CATCHUP_PAGE_ENTRIES_MAX;
 use super::hub::Outbound;
 use super::pipeline::{PipelineError, Worker};
 use crate::action::{Entry, Meta};
@@ -161,13 +163,38 @@ impl Worker {
             .collect())
     }
 
+    /// Sends `page` (built from a state) followed by the channel's entries with
+    /// `after < added <= upto`, in catch-up pages.
+    async fn send_with_newer(
+        &self,
+        mut page: Vec<Arc<Entry>>,
+        channel: &str,
+        mut after: u64,
+        upto: u64,
+    ) -> Result<(), PipelineError> {
+        while after < upto {
+            let newer =
+                self.server
+                    .log
+                    .channel_since(channel, after, upto, CATCHUP_PAGE_ENTRIES_MAX)?;
+            let Some(last) = newer.last() else { break };
+            after = last.meta.added;
+            page.extend(newer);
+            if page.len() >= CATCHUP_PAGE_ENTRIES_MAX {
+                self.send(Outbound::Catchup(std::mem::take(&mut page)))
+                    .await?;
+            }
+        }
+        self.send(Outbound::Catchup(page)).await
+    }
+
     /// Subscribes to one SyncMap object. Returns the undo reason when it cannot.
     pub(super) async fn subscribe_sync_map_object(
         &self,
         channel: &str,
         plural: &str,
         action: &Value,
-    ) -> Result<Option<&'static str>, PipelineError> {
+    ) -> Result<Option<UndoReason>, PipelineError> {
         let log = &self.server.log;
         if action.get("creating") == Some(&Value::Bool(true)) {
             self.server.hub.subscribe(&self.conn, channel);
@@ -182,18 +209,13 @@ impl Worker {
         else {
             self.server.hub.unsubscribe(&self.conn, channel);
             self.send(Outbound::CatchupDone).await?;
-            return Ok(Some("notFound"));
+            return Ok(Some(UndoReason::NotFound));
         };
         let since = since_time(action);
         let id = Value::String(channel[plural.len() + 1..].to_owned());
-        let mut page = self.changed_actions(plural, &id, &state, since);
-        page.extend(self.server.log.channel_since(
-            channel,
-            stored.added,
-            registered_at,
-            usize::MAX,
-        )?);
-        self.send(Outbound::Catchup(page)).await?;
+        let page = self.changed_actions(plural, &id, &state, since);
+        self.send_with_newer(page, channel, stored.added, registered_at)
+            .await?;
         let absorbed = self.absorbed(channel, registered_at, stored.added)?;
         self.send(Outbound::Absorbed(absorbed)).await?;
         self.send(Outbound::CatchupDone).await?;
@@ -229,7 +251,7 @@ impl Worker {
             let id = Value::String(stored.key[plural.len() + 1..].to_owned());
             page.extend(self.changed_actions(plural, &id, &State::LwwMap(object), since));
             absorbed.extend(self.absorbed(&stored.key, registered_at, stored.added)?);
-            if page.len() >= super::pipeline::CATCHUP_PAGE_ENTRIES_MAX {
+            if page.len() >= CATCHUP_PAGE_ENTRIES_MAX {
                 self.send(Outbound::Catchup(std::mem::take(&mut page)))
                     .await?;
             }
@@ -274,9 +296,9 @@ impl Worker {
             "state": state.snapshot(),
             "type": STATE_ACTION_TYPE,
         });
-        let mut page = vec![self.unstored(snapshot, self.server.clock.now_ms())];
-        page.extend(log.channel_since(channel, stored.added, registered_at, usize::MAX)?);
-        self.send(Outbound::Catchup(page)).await?;
+        let page = vec![self.unstored(snapshot, self.server.clock.now_ms())];
+        self.send_with_newer(page, channel, stored.added, registered_at)
+            .await?;
         let absorbed = self.absorbed(channel, registered_at, stored.added)?;
         self.send(Outbound::Absorbed(absorbed)).await?;
         self.send(Outbound::CatchupDone).await?;
