@@ -53,11 +53,39 @@ struct Applied {
     started: std::time::Instant,
 }
 
-/// Flushes applied groups, then answers them in order: head, hooks, listener, replies.
+/// Durable groups waiting for the delivery task (the commit listener, then the replies).
+const DELIVERY_QUEUE_GROUPS_MAX: usize = 64;
+
+/// Flushes applied groups, then answers them in order: head and hooks (`synced`) on its own
+/// task, then the listener (delivery to subscribers) and the replies on the delivery task, so
+/// that a large fan-out does not hold up the next group's flush and acknowledgements.
 struct Flusher {
     shared: Arc<Shared>,
     listener: Arc<dyn CommitListener>,
     receiver: mpsc::Receiver<Applied>,
+    deliveries: mpsc::Sender<Durable>,
+}
+
+/// A durable group on its way to the delivery task.
+struct Durable {
+    /// The entries it stored, for the commit listener.
+    stored: Vec<Arc<Entry>>,
+    /// Its requests, whose hooks already ran: only the replies are left.
+    staged: Vec<Staged>,
+}
+
+/// Calls the commit listener for each durable group, in order, then answers its appenders.
+async fn deliver(listener: Arc<dyn CommitListener>, mut groups: mpsc::Receiver<Durable>) {
+    while let Some(Durable { stored, staged }) = groups.recv().await {
+        if !stored.is_empty()
+            && catch_unwind(AssertUnwindSafe(|| listener.committed(&stored))).is_err()
+        {
+            tracing::error!("the commit listener of the log panicked");
+        }
+        for request in staged {
+            let _ = request.reply.send(request.result);
+        }
+    }
 }
 
 impl Flusher {
@@ -93,7 +121,7 @@ impl Flusher {
                             let _ = request.reply.send(Err(LogError::Poisoned(reason.clone())));
                         }
                     }
-                    None => self.answer(group),
+                    None => self.answer(group).await,
                 }
             }
         }
@@ -115,8 +143,8 @@ impl Flusher {
         }
     }
 
-    /// The group is durable: move the head, then hooks, the listener and the replies.
-    fn answer(&self, group: Applied) {
+    /// The group is durable: move the head, run the hooks, and hand it to the delivery task.
+    async fn answer(&self, group: Applied) {
         let Applied {
             mut staged,
             stored,
@@ -140,14 +168,13 @@ impl Flusher {
                 }
             }
         }
-        if !stored.is_empty() {
-            let listener = &self.listener;
-            if catch_unwind(AssertUnwindSafe(|| listener.committed(&stored))).is_err() {
-                tracing::error!("the commit listener of the log panicked");
+        if let Err(mpsc::error::SendError(group)) =
+            self.deliveries.send(Durable { stored, staged }).await
+        {
+            // The delivery task only stops after the flusher: answer anyway.
+            for request in group.staged {
+                let _ = request.reply.send(request.result);
             }
-        }
-        for request in staged {
-            let _ = request.reply.send(request.result);
         }
     }
 }
@@ -197,10 +224,13 @@ impl Writer {
     /// Serves the queue until every sender is gone, then reports through `stopped`.
     pub(super) async fn run(mut self, stopped: watch::Sender<bool>) {
         let (to_flusher, from_writer) = mpsc::channel(FLUSH_QUEUE_GROUPS_MAX);
+        let (to_delivery, deliveries) = mpsc::channel(DELIVERY_QUEUE_GROUPS_MAX);
+        let delivering = tokio::spawn(deliver(Arc::clone(&self.listener), deliveries));
         let flusher = Flusher {
             shared: Arc::clone(&self.shared),
             listener: Arc::clone(&self.listener),
             receiver: from_writer,
+            deliveries: to_delivery,
         };
         let flushing = tokio::spawn(flusher.run());
         while let Some(first) = self.receiver.recv().await {
@@ -210,6 +240,7 @@ impl Writer {
         drop(to_flusher);
         // The flusher answers everything already applied before the writer reports a stop.
         let _ = flushing.await;
+        let _ = delivering.await;
         // The storage must be released before `close` returns, so that the directory can be
         // opened again right away: sled holds a file lock while any handle is alive.
         drop(self);

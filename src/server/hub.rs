@@ -211,24 +211,30 @@ impl Hub {
 
     /// The connections one entry goes to, following Logux's `sendAction` rules: `nodes` and
     /// `clients` targets always; `users` and `channels` except the author and
-    /// `exclude_clients`. Each connection at most once.
+    /// `exclude_clients`. Each connection at most once: each source lists a connection once,
+    /// so repeats are removed (sorting, O(n log n)) only when several sources contributed.
     fn targets(&self, entry: &Entry, out: &mut Vec<ConnId>) {
         out.clear();
         let meta = &entry.meta;
         let author = entry.author_client_id();
-        let push = |id: ConnId, out: &mut Vec<ConnId>| {
-            if !out.contains(&id) {
-                out.push(id);
+        let mut sources = 0;
+        let mut source_end = 0;
+        let mut end_source = |out: &Vec<ConnId>| {
+            if out.len() > source_end {
+                sources += 1;
+                source_end = out.len();
             }
         };
         for node in &meta.nodes {
             if let Some(id) = self.by_node.get(node) {
-                push(*id, out);
+                out.push(*id);
+                end_source(out);
             }
         }
         for client in &meta.clients {
             if let Some(id) = self.by_client.get(client) {
-                push(*id, out);
+                out.push(*id);
+                end_source(out);
             }
         }
         let excluded = |id: ConnId| -> bool {
@@ -244,19 +250,25 @@ impl Hub {
             if let Some(ids) = self.by_user.get(user) {
                 for id in ids.iter().copied() {
                     if !excluded(id) {
-                        push(id, out);
+                        out.push(id);
                     }
                 }
+                end_source(out);
             }
         }
         for channel in &meta.channels {
             if let Some(subscribers) = self.channels.get(channel) {
                 for id in subscribers.iter().copied() {
                     if !excluded(id) {
-                        push(id, out);
+                        out.push(id);
                     }
                 }
+                end_source(out);
             }
+        }
+        if sources > 1 {
+            out.sort_unstable();
+            out.dedup();
         }
     }
 }
@@ -321,6 +333,23 @@ mod tests {
         hub.committed(&[entry("1 1:a:t 0", 1, &["room/1"], &[])]);
         assert_eq!(received(&mut a_rx), Vec::<u64>::new());
         assert_eq!(received(&mut b_rx), vec![1]);
+    }
+
+    #[test]
+    fn a_connection_named_by_several_targets_gets_the_entry_once() {
+        let hub = Hub::new();
+        let (a_tx, mut a_rx) = mpsc::channel(8);
+        let (b_tx, mut b_rx) = mpsc::channel(8);
+        let a = hub.register(NodeIds::parse("1:a:t"), a_tx);
+        let b = hub.register(NodeIds::parse("2:b:t"), b_tx);
+        hub.subscribe(&a, "room");
+        hub.subscribe(&a, "other");
+        hub.subscribe(&b, "room");
+        let mut both = entry("1 server:x 0", 5, &["room", "other"], &["1:a"]);
+        Arc::make_mut(&mut both).meta.users = vec!["1".into(), "2".into()];
+        hub.committed(&[both]);
+        assert_eq!(received(&mut a_rx), vec![5]);
+        assert_eq!(received(&mut b_rx), vec![5]);
     }
 
     #[test]
