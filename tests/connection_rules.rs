@@ -219,7 +219,7 @@ async fn retention_keeps_only_the_newest_actions_and_subscribers_get_what_is_lef
         writer.recv().await.expect("processed");
     }
     // Ten entries: five messages and five `logux/processed`; keep the newest four.
-    assert_eq!(server.server.apply_retention().expect("retention"), 6);
+    assert_eq!(server.server.apply_retention().await.expect("retention"), 6);
     let mut reader = server.connect();
     reader.send(CONNECT_10).await;
     handshake(&mut reader).await;

@@ -283,7 +283,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 prop_assert_eq!(plain(read), expected);
             }
             Op::RemoveBefore(before) => {
-                let removed = log.remove_before(before).expect("retention");
+                let removed = log.remove_before(before).await.expect("retention");
                 prop_assert_eq!(removed, model.remove_before(before));
             }
             Op::Reboot => {

@@ -316,7 +316,7 @@ async fn a_client_back_after_compaction_converges_with_one_that_never_left() {
             )
             .await;
     }
-    assert!(server.server.apply_retention().expect("retention") > 0);
+    assert!(server.server.apply_retention().await.expect("retention") > 0);
     online.drain().await;
 
     // Back after "weeks": the subscription's since is long gone from the log.

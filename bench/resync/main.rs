@@ -146,7 +146,7 @@ async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {
             .map_err(|e| e.to_string())?;
         n = upto;
     }
-    let removed = server.apply_retention().map_err(|e| e.to_string())?;
+    let removed = server.apply_retention().await.map_err(|e| e.to_string())?;
     let build_s = build_started.elapsed().as_secs_f64();
 
     let listener = TcpListener::bind("127.0.0.1:0")

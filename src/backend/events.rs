@@ -38,15 +38,12 @@ fn is_event(server: &Server, entry: &Entry) -> bool {
 }
 
 async fn save_cursor(server: &Arc<Server>, cursor: u64) {
-    let job = server.clone();
-    let saved = tokio::task::spawn_blocking(move || {
-        job.log.put_setting(CURSOR_SETTING, &cursor.to_string())
-    })
-    .await;
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::error!(%error, "saving the events cursor failed"),
-        Err(error) => tracing::error!(%error, "saving the events cursor failed"),
+    if let Err(error) = server
+        .log
+        .put_setting(CURSOR_SETTING, &cursor.to_string())
+        .await
+    {
+        tracing::error!(%error, "saving the events cursor failed");
     }
 }
 

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use writer::{Request, Writer};
+use writer::{RecordOps, Request, Writer};
 
 /// Most entries removed by one retention batch, so that retention never builds a huge batch.
 const REMOVE_BATCH_ENTRIES: usize = 1_024;
@@ -435,10 +435,52 @@ impl Log {
             entries,
             tasks,
             hook,
+            records: RecordOps::default(),
             reply,
         };
         sender.send(request).await.map_err(|_| LogError::Closed)?;
         Ok(PendingAppend(answer))
+    }
+
+    /// The writer's queue, while the log accepts writes.
+    fn sender(&self) -> Result<mpsc::Sender<Request>, LogError> {
+        if let Some(reason) = self.inner.shared.poison_reason() {
+            return Err(LogError::Poisoned(reason));
+        }
+        self.inner
+            .sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(LogError::Closed)
+    }
+
+    /// A request that writes only `records`, and where its answer comes.
+    fn records_request(
+        records: RecordOps,
+    ) -> (
+        Request,
+        tokio::sync::oneshot::Receiver<Result<Vec<AppendOutcome>, LogError>>,
+    ) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = Request {
+            entries: Vec::new(),
+            tasks: Vec::new(),
+            hook: None,
+            records,
+            reply,
+        };
+        (request, answer)
+    }
+
+    /// Writes `records` in the writer's next group commit and waits until they are durable.
+    async fn write_records(&self, records: RecordOps) -> Result<(), LogError> {
+        let (request, answer) = Log::records_request(records);
+        self.sender()?
+            .send(request)
+            .await
+            .map_err(|_| LogError::Closed)?;
+        PendingAppend(answer).outcomes().await.map(drop)
     }
 
     /// Highest durable `added`.
@@ -685,55 +727,43 @@ impl Log {
         }
     }
 
-    /// Writes a small persistent string value and flushes.
-    pub fn put_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
-        let db = &self.inner.shared.db;
-        db.insert(setting_key(key), value.as_bytes())?;
-        db.flush()?;
-        Ok(())
+    /// Writes a small persistent string value through the writer; returns once it is durable.
+    pub async fn put_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
+        let records = RecordOps {
+            insert: vec![(setting_key(key), value.as_bytes().to_vec())],
+            remove: Vec::new(),
+        };
+        self.write_records(records).await
     }
 
-    /// Removes entries with `added < before` and their index records (retention).
+    /// Queues a setting for the writer's next group commit without waiting (for start-up code
+    /// that is not async); it is durable with that group, before any later append.
+    pub fn queue_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
+        let records = RecordOps {
+            insert: vec![(setting_key(key), value.as_bytes().to_vec())],
+            remove: Vec::new(),
+        };
+        let (request, _answer) = Log::records_request(records);
+        self.sender()?
+            .try_send(request)
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Removes entries with `added < before` and their index records (retention), through the
+    /// writer, in batches of `REMOVE_BATCH_ENTRIES`.
     ///
     /// Returns how many entries were removed. Entries above `head` (not yet durable) are never
-    /// removed. `last_added` is kept, so positions are never handed out again. The removal is
-    /// not flushed by itself: after a crash, removed entries may come back, which is harmless.
-    pub fn remove_before(&self, before: u64) -> Result<usize, LogError> {
+    /// removed. `last_added` is kept, so positions are never handed out again. After a crash,
+    /// removed entries may come back, which is harmless.
+    pub async fn remove_before(&self, before: u64) -> Result<usize, LogError> {
         let before = before.min(self.head().saturating_add(1));
-        let db = &self.inner.shared.db;
         let mut removed = 0;
         loop {
-            let mut batch = sled::Batch::default();
-            let mut count = 0;
-            for item in db
-                .range(entry_key(0)..entry_key(before))
-                .take(REMOVE_BATCH_ENTRIES)
-            {
-                let (key, value) = item?;
-                count += 1;
-                match decode_entry(&key, &value) {
-                    Ok(entry) => {
-                        let added = added_suffix(&key)?;
-                        let id_key = id_key(&entry.meta.id);
-                        if db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
-                            batch.remove(id_key);
-                        }
-                        let mut indexed = entry;
-                        indexed.meta.added = added;
-                        for index_key in index_keys(&indexed) {
-                            batch.remove(index_key);
-                        }
-                    }
-                    // Its index records cannot be found; readers skip them once the entry
-                    // is gone, so removing the entry alone keeps retention going.
-                    Err(error) => tracing::warn!(%error, "removing an undecodable entry"),
-                }
-                batch.remove(key);
-            }
+            let (records, count) = self.removal_batch(before)?;
             if count == 0 {
                 break;
             }
-            db.apply_batch(batch)?;
+            self.write_records(records).await?;
             self.inner.shared.recent.remove_before(before);
             removed += count;
             if count < REMOVE_BATCH_ENTRIES {
@@ -741,6 +771,38 @@ impl Log {
             }
         }
         Ok(removed)
+    }
+
+    /// The records to remove for the oldest `REMOVE_BATCH_ENTRIES` entries below `before`, and
+    /// how many entries they are.
+    fn removal_batch(&self, before: u64) -> Result<(RecordOps, usize), LogError> {
+        let db = &self.inner.shared.db;
+        let mut records = RecordOps::default();
+        let mut count = 0;
+        for item in db
+            .range(entry_key(0)..entry_key(before))
+            .take(REMOVE_BATCH_ENTRIES)
+        {
+            let (key, value) = item?;
+            count += 1;
+            match decode_entry(&key, &value) {
+                Ok(entry) => {
+                    let added = added_suffix(&key)?;
+                    let id_key = id_key(&entry.meta.id);
+                    if db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
+                        records.remove.push(id_key);
+                    }
+                    let mut indexed = entry;
+                    indexed.meta.added = added;
+                    records.remove.extend(index_keys(&indexed));
+                }
+                // Its index records cannot be found; readers skip them once the entry is
+                // gone, so removing the entry alone keeps retention going.
+                Err(error) => tracing::warn!(%error, "removing an undecodable entry"),
+            }
+            records.remove.push(key.to_vec());
+        }
+        Ok((records, count))
     }
 
     /// Stops the writer after the queued requests and flushes.

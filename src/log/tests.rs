@@ -253,7 +253,7 @@ async fn head_only_grows() {
         append_all(&log, vec![entry(&format!("{n} a 0"))]).await;
         assert!(log.head() > before);
     }
-    log.remove_before(20).expect("retention");
+    log.remove_before(20).await.expect("retention");
     assert_eq!(log.head(), 30);
     done.store(true, Ordering::Release);
     assert!(watcher.await.expect("watcher") > 0);
@@ -271,7 +271,9 @@ async fn reopen_preserves_entries_indexes_and_settings() {
         ],
     )
     .await;
-    log.put_setting("node_id", "server:abc").expect("setting");
+    log.put_setting("node_id", "server:abc")
+        .await
+        .expect("setting");
     let (log, _) = reopen(log, dir.path()).await;
     assert_eq!(log.head(), 2);
     assert_eq!(log.added_of("1 a 0").expect("read"), Some(1));
@@ -298,7 +300,7 @@ async fn reopen_never_reuses_added_after_retention() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (log, _) = open(dir.path());
     append_all(&log, (0..5).map(|n| entry(&format!("{n} a 0"))).collect()).await;
-    assert_eq!(log.remove_before(u64::MAX).expect("retention"), 5);
+    assert_eq!(log.remove_before(u64::MAX).await.expect("retention"), 5);
     assert_eq!(log.entry_at(5).expect("read"), None);
     assert_eq!(log.added_of("4 a 0").expect("read"), None);
     let (log, _) = reopen(log, dir.path()).await;
@@ -312,7 +314,7 @@ async fn setting_named_last_added_does_not_touch_the_counter() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (log, _) = open(dir.path());
     append_all(&log, vec![entry("1 a 0")]).await;
-    log.put_setting("last_added", "x").expect("setting");
+    log.put_setting("last_added", "x").await.expect("setting");
     let (log, _) = reopen(log, dir.path()).await;
     assert_eq!(log.head(), 1);
     assert_eq!(
@@ -422,8 +424,8 @@ async fn readers_skip_entries_removed_by_retention() {
             .collect(),
     )
     .await;
-    assert_eq!(log.remove_before(4).expect("retention"), 3);
-    assert_eq!(log.remove_before(4).expect("retention"), 0);
+    assert_eq!(log.remove_before(4).await.expect("retention"), 3);
+    assert_eq!(log.remove_before(4).await.expect("retention"), 0);
     let channel = log.channel_since("a", 0, u64::MAX, 2).expect("read");
     assert_eq!(positions(&channel), vec![4, 5]);
     let tail = log.channel_tail("a", u64::MAX, 10).expect("read");
@@ -516,7 +518,7 @@ async fn concurrent_appenders_share_group_commits() {
         "{} group commits for {total} appends",
         log.group_commits()
     );
-    let tail = log.remove_before(u64::MAX).expect("retention");
+    let tail = log.remove_before(u64::MAX).await.expect("retention");
     assert_eq!(tail as u64, total, "every entry stored exactly once");
 }
 
@@ -719,7 +721,7 @@ async fn reads_answer_the_same_from_the_recent_window_as_from_storage() {
             .fresh_id
     );
 
-    cached.remove_before(3).expect("retention");
+    cached.remove_before(3).await.expect("retention");
     assert_eq!(
         cached.entry_at(2).expect("read"),
         None,
@@ -876,4 +878,22 @@ async fn a_resend_queued_behind_its_unflushed_original_stores_no_second_answer()
         outcomes,
         vec![AppendOutcome::Appended(3), AppendOutcome::Appended(4)]
     );
+}
+
+#[tokio::test]
+async fn settings_and_retention_go_through_the_writer_and_stop_when_it_is_poisoned() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(&log, vec![entry("1 a 0"), entry("2 a 0")]).await;
+    log.put_setting("cursor", "1").await.expect("setting");
+    let commits = log.group_commits();
+    log.inner.shared.poison("disk on fire");
+    // Nothing is written to the store behind the writer's back once it refuses writes.
+    let setting = log.put_setting("cursor", "2").await;
+    assert!(matches!(setting, Err(LogError::Poisoned(_))), "{setting:?}");
+    assert_eq!(log.get_setting("cursor").expect("read"), Some("1".into()));
+    let removed = log.remove_before(u64::MAX).await;
+    assert!(matches!(removed, Err(LogError::Poisoned(_))), "{removed:?}");
+    assert!(log.entry_at(1).expect("read").is_some(), "retention wrote");
+    assert_eq!(log.group_commits(), commits);
 }

@@ -24,8 +24,34 @@ pub(super) struct Request {
     pub(super) tasks: Vec<TaskOp>,
     /// Called with the outcomes after the flush, before the commit listener.
     pub(super) hook: Option<DurableHook>,
+    /// Records written with the entries (settings), and records removed (retention): every
+    /// write to the store goes through this task.
+    pub(super) records: RecordOps,
     /// Where the outcomes go.
     pub(super) reply: Reply,
+}
+
+/// Raw records a request writes or removes besides its entries.
+#[derive(Debug, Default)]
+pub(super) struct RecordOps {
+    /// `(key, value)` records to insert.
+    pub(super) insert: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Keys to remove.
+    pub(super) remove: Vec<Vec<u8>>,
+}
+
+impl RecordOps {
+    /// Adds the changes to `batch`; how many it made.
+    fn stage(self, batch: &mut sled::Batch) -> usize {
+        let count = self.insert.len() + self.remove.len();
+        for (key, value) in self.insert {
+            batch.insert(key, value);
+        }
+        for key in self.remove {
+            batch.remove(key);
+        }
+        count
+    }
 }
 
 /// A request whose entries were turned into records for the group's batch.
@@ -293,6 +319,7 @@ impl Writer {
             );
             if let Ok(outcomes) = &result {
                 task_ops += stage_tasks(request.tasks, outcomes, &mut batch);
+                task_ops += request.records.stage(&mut batch);
             }
             staged.push(Staged {
                 result,

@@ -211,7 +211,7 @@ impl Server {
                 None => {
                     let random = ulid::Ulid::new().to_string().to_lowercase();
                     let node_id = format!("server:{}", &random[random.len() - 8..]);
-                    log.put_setting(NODE_ID_SETTING, &node_id)
+                    log.queue_setting(NODE_ID_SETTING, &node_id)
                         .map_err(log_error)?;
                     node_id
                 }
@@ -277,7 +277,7 @@ impl Server {
 
     /// Applies `retention_actions_max` now: removes the oldest actions beyond it.
     /// Returns how many were removed.
-    pub fn apply_retention(&self) -> Result<usize, LogError> {
+    pub async fn apply_retention(&self) -> Result<usize, LogError> {
         let Some(max) = self.config.retention_actions_max.filter(|max| *max > 0) else {
             return Ok(0);
         };
@@ -293,7 +293,9 @@ impl Server {
             .map(|(_, added)| added)
             .min()
             .unwrap_or(u64::MAX);
-        self.log.remove_before((head - max + 1).min(oldest_task))
+        self.log
+            .remove_before((head - max + 1).min(oldest_task))
+            .await
     }
 
     /// Runs retention every `RETENTION_INTERVAL_MS` until shutdown.
@@ -309,12 +311,10 @@ impl Server {
                     _ = tokio::time::sleep(period) => {}
                     _ = server.shut_down() => break,
                 }
-                let job = server.clone();
-                match tokio::task::spawn_blocking(move || job.apply_retention()).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(removed)) => tracing::info!(removed, "retention removed old actions"),
-                    Ok(Err(error)) => tracing::error!(%error, "retention failed"),
-                    Err(error) => tracing::error!(%error, "retention task failed"),
+                match server.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "retention removed old actions"),
+                    Err(error) => tracing::error!(%error, "retention failed"),
                 }
             }
         });
