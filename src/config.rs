@@ -61,17 +61,16 @@ pub const ADMISSION_DEADLINE_MS_DEFAULT: u64 = 30_000;
 /// Default `pipeline_threads`: one thread for the pipeline and the log writer, the rest of
 /// the machine for connections (measured on 2 cores: storm ping p99 2.4 s → 70-350 ms).
 pub const PIPELINE_THREADS_DEFAULT: usize = 1;
-/// Default `log_cache_bytes`: sled's page cache. A 15,000-client storm took 46 s of server
-/// CPU with 512 MiB against 56 s with 64 MiB, for about the same peak RSS.
-pub const LOG_CACHE_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
+/// Default `log_cache_bytes`: sled's page cache, defined by the log (see there why 512 MiB).
+pub const LOG_CACHE_BYTES_DEFAULT: u64 = crate::log::CACHE_BYTES_DEFAULT;
 /// Default `log_recent_bytes`: the newest entries kept decoded in memory, so subscriptions
 /// and catch-ups read them without sled and JSON.
 pub const LOG_RECENT_BYTES_DEFAULT: usize = crate::log::RECENT_BYTES_DEFAULT;
 /// Default `pipeline_nice`: how many `nice` steps below the connection threads the pipeline
 /// threads run, so that in a storm the CPU goes to answering connected clients first.
 pub const PIPELINE_NICE_DEFAULT: i32 = 10;
-/// Highest `pipeline_nice`: the range of Linux `nice` values is 39 steps, and 19 above the
-/// default priority is already the lowest.
+/// Highest `pipeline_nice`, and the highest (lowest-priority) `nice` value Linux allows:
+/// the range of `nice` values is 39 steps, and 19 above the default is already the lowest.
 pub const PIPELINE_NICE_MAX: i32 = 19;
 /// Most `pipeline_threads`.
 pub const PIPELINE_THREADS_MAX: usize = 64;
@@ -1293,6 +1292,16 @@ mod tests {
         assert_eq!(l.idle_timeout_ms, 75_000);
         assert_eq!(l.outbox_len, 4096);
         assert_eq!(l.connections_max, 19_000);
+    }
+
+    #[test]
+    fn log_options_default_to_the_configured_page_cache() {
+        // Regression: the log had its own 64 MiB default while `[limits] log_cache_bytes`
+        // defaulted to 512 MiB, so a log opened with default options used a smaller cache.
+        assert_eq!(
+            crate::log::LogOptions::default().cache_bytes,
+            Limits::default().log_cache_bytes
+        );
     }
 
     #[test]
