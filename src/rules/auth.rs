@@ -3,7 +3,6 @@
 //! Tokens are never logged. Configured tokens are kept only as SHA-256 digests and compared
 //! in constant time, so neither the timing nor the length of a guess reveals anything.
 
-use crate::config::{AuthConfig, SERVER_USER_ID};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use dashmap::DashMap;
@@ -32,6 +31,43 @@ pub const BRUTEFORCE_ADDRESSES_MAX: usize = 100_000;
 const BRUTEFORCE_FAILURES_KEPT: usize = 8;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The user id of the server's own node, which no client may authenticate as (Logux rule).
+pub const SERVER_USER_ID: &str = "server";
+
+/// The `[auth]` section: what [`Authenticator`] accepts. Holds secrets, so its `Debug`
+/// output masks them as `"***"`. `config` reads and checks it (and re-exports it).
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// A static token per user id, for small deployments and tests.
+    pub tokens: HashMap<String, String>,
+    /// One token accepted for every user id, for trusted environments (demo, internal tools).
+    pub any_user_token: Option<String>,
+    /// The shared secret of HS256 JWTs issued by the application's own backend.
+    pub jwt_hs256_secret: Option<String>,
+    /// Accept every user with any token or none: only the built-in demo rules set this; it
+    /// cannot be written in a configuration file.
+    pub allow_anyone: bool,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut users: Vec<&String> = self.tokens.keys().collect();
+        users.sort();
+        let tokens: Vec<(&String, &str)> = users.into_iter().map(|u| (u, "***")).collect();
+        f.debug_struct("AuthConfig")
+            .field("tokens", &tokens)
+            .field(
+                "any_user_token",
+                &self.any_user_token.as_ref().map(|_| "***"),
+            )
+            .field(
+                "jwt_hs256_secret",
+                &self.jwt_hs256_secret.as_ref().map(|_| "***"),
+            )
+            .finish()
+    }
+}
 
 /// Checks credentials from `connect`. Holds secrets, so its `Debug` output masks them.
 #[derive(Clone)]
