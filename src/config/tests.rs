@@ -346,3 +346,52 @@ fn backend_hooks_are_checked_and_the_secret_is_masked() {
     let e = err(&format!("{backend}timeout_ms = 0\n"));
     assert!(e.contains("timeout_ms"), "{e}");
 }
+
+#[test]
+fn rule_errors_name_their_section_and_index() {
+    let e = err("[[types]]\ntype = \"t\"\naccess = \"anyone\"\n\
+                 [[types]]\ntype = \"t\"\naccess = \"nobody\"");
+    assert!(
+        e.contains("types[1] (type \"t\"): the type is already defined by types[0]"),
+        "{e}"
+    );
+    let reducer =
+        "[[reducers]]\ntype = \"counter/add\"\nkind = \"counter\"\nobject = \"counter/{id}\"\n";
+    // The reducer names itself (this message used to be a type rule's, "types[" rewritten).
+    let e = err(&format!("{reducer}access = \"param:id\""));
+    assert!(
+        e.contains("reducers[0] (type \"counter/add\"): access \"param:id\" is only for"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{reducer}access = \"anyone\"\n{reducer}access = \"anyone\""
+    ));
+    assert!(
+        e.contains("reducers[1]") && e.contains("two reducers"),
+        "{e}"
+    );
+    let broken = reducer.replace("counter/{id}", "counter/{id");
+    let e = err(&format!("{broken}access = \"anyone\""));
+    assert!(e.contains("reducers[0]") && e.contains("object"), "{e}");
+    let e = err("[[sync_maps]]\nplural = \"a/b\"\naccess = \"anyone\"");
+    assert!(e.contains("sync_maps[0]") && e.contains("plural"), "{e}");
+    let e = err("[[sync_maps]]\nplural = \"tasks\"\naccess = \"field:x\"");
+    assert!(e.contains("sync_maps[0]") && e.contains("field:x"), "{e}");
+}
+
+#[test]
+fn sync_maps_and_reducers_are_read_into_the_rules() {
+    let c = Config::from_toml_str(
+        "[[sync_maps]]\nplural = \"tasks\"\naccess = \"anyone\"\n\
+         [[reducers]]\ntype = \"counter/add\"\nkind = \"counter\"\nobject = \"counter/{id}\"\n\
+         field = \"by\"\naccess = \"field:userId\"",
+    )
+    .unwrap();
+    assert!(c.rules.sync_map_channel("tasks/1").is_some());
+    let reducer = &c.rules.reducers()[0];
+    assert_eq!(reducer.action_type(), "counter/add");
+    assert_eq!(reducer.kind(), crate::crdt::ReducerKind::Counter);
+    assert_eq!(reducer.object().as_str(), "counter/{id}");
+    assert_eq!(reducer.field(), Some("by"));
+    assert_eq!(reducer.access(), &TypeAccess::Field("userId".into()));
+}

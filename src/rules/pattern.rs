@@ -369,6 +369,33 @@ mod tests {
     }
 
     #[test]
+    fn built_in_values_equal_their_written_form() {
+        let everything = ChannelPattern::everything();
+        let written = ChannelPattern::parse("*").unwrap();
+        assert_eq!(everything.as_str(), written.as_str());
+        for channel in ["", "a", "a/b/c"] {
+            assert_eq!(
+                everything.matches(channel, None),
+                written.matches(channel, None)
+            );
+        }
+        let field = Template::field("channel");
+        assert_eq!(field.as_str(), "{channel}");
+        let action = json!({ "channel": "chat/1" });
+        assert_eq!(
+            field.fill(&action),
+            Template::parse("{channel}").unwrap().fill(&action)
+        );
+    }
+
+    #[test]
+    fn type_selectors_display_as_written() {
+        for text in ["*", "room/*", "room/add"] {
+            assert_eq!(TypeSelector::parse(text).unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
     fn invalid_templates_are_rejected() {
         for bad in ["", "{", "}", "a{b", "a}b", "{}", "{a{b}}", "x\0"] {
             assert!(Template::parse(bad).is_err(), "{bad:?}");

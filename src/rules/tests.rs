@@ -399,3 +399,15 @@ proptest! {
         let _ = Template::parse(&text);
     }
 }
+
+#[test]
+fn rules_know_nothing_about_the_configuration_file() {
+    // Architecture invariant: `config` imports `rules`, never the other way round.
+    let needle = concat!("crate::", "config");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/rules");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains(needle), "{} uses {needle}", path.display());
+    }
+}
