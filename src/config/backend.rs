@@ -1,6 +1,6 @@
 //! `[backend]`: the HTTP back-end that rules delegate hooks to, and the server API's secret.
 
-use super::limits::{check_bounds, Bound};
+use super::bounds::{check_bounds, Bound};
 use super::{invalid, lowercase, ConfigError};
 use serde::Deserialize;
 use std::fmt;

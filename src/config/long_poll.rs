@@ -1,6 +1,7 @@
 //! `[long_poll]`: the HTTP long-poll transport.
 
-use super::limits::{check_bounds, Bound, FRAME_BYTES_MAX_DEFAULT};
+use super::bounds::{check_bounds, Bound};
+use super::limits::FRAME_BYTES_MAX_DEFAULT;
 use super::ConfigError;
 use serde::Deserialize;
 

@@ -7,13 +7,14 @@
 //! template is reported when the server starts, not on the first matching action.
 //!
 //! One file per section: `limits.rs`, `long_poll.rs`, `backend.rs`, `tls.rs`, `auth.rs` and
-//! `rules.rs` (channels, types, SyncMaps and reducers). `config` imports `rules`, never the
-//! other way round.
+//! `rules.rs` (channels, types, SyncMaps and reducers); `bounds.rs` is the validation table
+//! they share. `config` imports `rules`, never the other way round.
 //!
 //! See `docs/configuration.md` for the reference of every key.
 
 mod auth;
 mod backend;
+mod bounds;
 mod limits;
 mod long_poll;
 mod rules;

@@ -12,6 +12,7 @@
 //! value from the loaded `Config`.
 
 pub mod auth;
+mod bruteforce;
 mod hooks;
 mod pattern;
 mod rule;
@@ -144,6 +145,7 @@ impl Rules {
         Rules {
             channels: vec![ChannelRule::open_to_everything()],
             types: vec![TypeRule::open_to_everything()],
+            // The one type rule, at index 0, is the `*` fallback.
             fallback_type: Some(0),
             ..Rules::default()
         }
