@@ -1,7 +1,7 @@
 //! Starting and stopping a whole server: bind, serve, and shut down in one path.
 
 use crate::clock::SystemClock;
-use crate::config::Config;
+use crate::config::{Config, PIPELINE_NICE_MAX};
 use crate::server::{Server, ServerError};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -80,13 +80,11 @@ struct PipelineRuntime {
 /// Lowers the calling thread's priority by `steps` of `nice` (`limits.pipeline_nice`; on
 /// Linux `nice` is per thread, and `None` means the calling one).
 fn lower_thread_priority(steps: i32) {
-    /// The lowest priority `nice` allows.
-    const NICE_MAX: i32 = 19;
     if steps == 0 {
         return;
     }
     let lowered = rustix::process::getpriority_process(None)
-        .map(|nice| (nice + steps).min(NICE_MAX))
+        .map(|nice| (nice + steps).min(PIPELINE_NICE_MAX))
         .and_then(|nice| rustix::process::setpriority_process(None, nice));
     if let Err(error) = lowered {
         tracing::debug!(%error, "could not lower the pipeline thread's priority");

@@ -58,8 +58,10 @@ pub enum LogError {
     Closed,
 }
 
-/// Default size of sled's page cache.
-pub const CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Default size of sled's page cache (`[limits] log_cache_bytes` uses it too). A
+/// 15,000-client storm took 46 s of server CPU with 512 MiB against 56 s with 64 MiB, for
+/// about the same peak RSS.
+pub const CACHE_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
 /// Default memory budget of the decoded newest entries (see `recent`).
 pub const RECENT_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 

@@ -4,7 +4,7 @@
 //! pre-split segments with no allocation (templates allocate only the filled channel).
 
 use serde_json::Value;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 /// One `/`-separated piece of a channel pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,13 +19,24 @@ enum Segment {
 
 /// A compiled `[[channels]]` pattern such as `users/:id` or `files/*`.
 #[derive(Debug, Clone)]
-pub(super) struct ChannelPattern {
+pub struct ChannelPattern {
+    /// The pattern as written, for messages and the configuration's `Debug` output.
+    text: String,
+    /// The compiled segments, matched in order.
     segments: Vec<Segment>,
 }
 
 impl ChannelPattern {
+    /// `*`: every channel (the demo rules).
+    pub fn everything() -> ChannelPattern {
+        ChannelPattern {
+            text: "*".to_owned(),
+            segments: vec![Segment::Tail],
+        }
+    }
+
     /// Compiles a pattern; the error explains what is wrong without naming the rule.
-    pub(super) fn parse(pattern: &str) -> Result<ChannelPattern, String> {
+    pub fn parse(pattern: &str) -> Result<ChannelPattern, String> {
         if pattern.is_empty() {
             return Err("the pattern must not be empty".to_owned());
         }
@@ -59,11 +70,19 @@ impl ChannelPattern {
             };
             segments.push(segment);
         }
-        Ok(ChannelPattern { segments })
+        Ok(ChannelPattern {
+            text: pattern.to_owned(),
+            segments,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// The position of the `:name` parameter, used to find its value when matching.
-    pub(super) fn param_index(&self, name: &str) -> Option<usize> {
+    pub fn param_index(&self, name: &str) -> Option<usize> {
         self.segments
             .iter()
             .position(|s| matches!(s, Segment::Param(p) if p == name))
@@ -114,7 +133,7 @@ fn is_param_name(name: &str) -> bool {
 
 /// What a `[[types]]` `type` selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum TypeSelector {
+pub enum TypeSelector {
     /// Exactly this type.
     Exact(String),
     /// Every type starting with this prefix (written `prefix*`, the prefix ending in `/`).
@@ -125,7 +144,7 @@ pub(super) enum TypeSelector {
 
 impl TypeSelector {
     /// Classifies a `type` value; the error explains what is wrong.
-    pub(super) fn parse(action_type: &str) -> Result<TypeSelector, String> {
+    pub fn parse(action_type: &str) -> Result<TypeSelector, String> {
         if action_type.is_empty() {
             return Err("the type must not be empty".to_owned());
         }
@@ -147,6 +166,17 @@ impl TypeSelector {
     }
 }
 
+/// The `type` as written.
+impl fmt::Display for TypeSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TypeSelector::Exact(action_type) => f.write_str(action_type),
+            TypeSelector::Prefix(prefix) => write!(f, "{prefix}*"),
+            TypeSelector::Fallback => f.write_str("*"),
+        }
+    }
+}
+
 /// One piece of a resend template.
 #[derive(Debug, Clone)]
 enum Piece {
@@ -158,13 +188,24 @@ enum Piece {
 
 /// A compiled resend template such as `room/{room}`.
 #[derive(Debug, Clone)]
-pub(super) struct Template {
+pub struct Template {
+    /// The template as written, for messages and the configuration's `Debug` output.
+    text: String,
+    /// The compiled pieces, filled in order.
     pieces: Vec<Piece>,
 }
 
 impl Template {
+    /// `{name}`: the value of one action field (the demo rules use `{channel}`).
+    pub fn field(name: &str) -> Template {
+        Template {
+            text: format!("{{{name}}}"),
+            pieces: vec![Piece::Field(name.to_owned())],
+        }
+    }
+
     /// Compiles a template; the error explains what is wrong without naming the rule.
-    pub(super) fn parse(text: &str) -> Result<Template, String> {
+    pub fn parse(text: &str) -> Result<Template, String> {
         if text.is_empty() {
             return Err("a resend template must not be empty".to_owned());
         }
@@ -199,7 +240,15 @@ impl Template {
                 _ => return Err("'{' without a matching '}'".to_owned()),
             }
         }
-        Ok(Template { pieces })
+        Ok(Template {
+            text: text.to_owned(),
+            pieces,
+        })
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// The channel for `action`, or `None` when a field is missing, null, an object or an
@@ -317,6 +366,33 @@ mod tests {
         }
         let bare = Template::parse("{room}").unwrap();
         assert_eq!(bare.fill(&json!({ "room": "" })), None);
+    }
+
+    #[test]
+    fn built_in_values_equal_their_written_form() {
+        let everything = ChannelPattern::everything();
+        let written = ChannelPattern::parse("*").unwrap();
+        assert_eq!(everything.as_str(), written.as_str());
+        for channel in ["", "a", "a/b/c"] {
+            assert_eq!(
+                everything.matches(channel, None),
+                written.matches(channel, None)
+            );
+        }
+        let field = Template::field("channel");
+        assert_eq!(field.as_str(), "{channel}");
+        let action = json!({ "channel": "chat/1" });
+        assert_eq!(
+            field.fill(&action),
+            Template::parse("{channel}").unwrap().fill(&action)
+        );
+    }
+
+    #[test]
+    fn type_selectors_display_as_written() {
+        for text in ["*", "room/*", "room/add"] {
+            assert_eq!(TypeSelector::parse(text).unwrap().to_string(), text);
+        }
     }
 
     #[test]

@@ -176,7 +176,7 @@ impl Server {
         node_id: Option<String>,
         pipeline: Option<tokio::runtime::Handle>,
     ) -> Result<Arc<Server>, ServerError> {
-        let rules = Rules::new(&config)?;
+        let rules = config.rules.clone();
         let auth = Authenticator::new(&config.auth);
         let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
