@@ -11,6 +11,10 @@ use tokio::net::TcpListener;
 
 /// How long shutdown waits for connections to close before flushing the log anyway.
 pub const SHUTDOWN_DRAIN_MS: u64 = 5_000;
+/// How often the shutdown drain checks whether every connection has closed.
+pub const SHUTDOWN_DRAIN_POLL_MS: u64 = 20;
+/// The lowest priority `nice` allows.
+const NICE_MAX: i32 = 19;
 
 /// Errors of a whole run.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +84,6 @@ struct PipelineRuntime {
 /// Lowers the calling thread's priority by `steps` of `nice` (`limits.pipeline_nice`; on
 /// Linux `nice` is per thread, and `None` means the calling one).
 fn lower_thread_priority(steps: i32) {
-    /// The lowest priority `nice` allows.
-    const NICE_MAX: i32 = 19;
     if steps == 0 {
         return;
     }
@@ -133,7 +135,7 @@ pub async fn serve_until(
     let _ = accept.await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
     while server.hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(SHUTDOWN_DRAIN_POLL_MS)).await;
     }
     server.log.close().await?;
     tracing::info!("log flushed, bye");
@@ -158,7 +160,7 @@ mod tests {
         .join()
         .expect("thread");
         // `nice` stops at 19.
-        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(19));
+        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(NICE_MAX));
         assert_eq!(
             rustix::process::getpriority_process(None).expect("nice"),
             before,

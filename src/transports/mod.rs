@@ -5,6 +5,7 @@
 //! back-end HTTP client included).
 
 pub mod api;
+pub mod common;
 pub mod http;
 pub mod http_client;
 pub mod long_poll;
