@@ -361,8 +361,14 @@ impl Busy {
 }
 
 /// The `Peer` of a connection opened by a request with these headers: the TCP address, every
-/// header whose value is visible ASCII, and the cookies of the `Cookie` headers.
-pub fn peer_from_headers(headers: &HeaderMap, remote: SocketAddr, transport: &'static str) -> Peer {
+/// header whose value is visible ASCII, and the cookies of the `Cookie` headers. `observer`
+/// sees it before the connection starts.
+pub fn peer_from_headers(
+    headers: &HeaderMap,
+    remote: SocketAddr,
+    transport: &'static str,
+    observer: Option<&PeerObserver>,
+) -> Peer {
     let list = headers
         .iter()
         .filter_map(|(name, value)| {
@@ -379,6 +385,9 @@ pub fn peer_from_headers(headers: &HeaderMap, remote: SocketAddr, transport: &'s
     let mut peer = Peer::new(remote.ip(), transport);
     peer.headers = Arc::new(list);
     peer.cookies = Arc::new(cookies);
+    if let Some(observer) = observer {
+        observer(&peer);
+    }
     peer
 }
 
@@ -393,4 +402,149 @@ fn cookie_pair(pair: &str) -> Option<(String, String)> {
         .and_then(|inner| inner.strip_suffix('"'))
         .unwrap_or(value);
     (!name.is_empty()).then(|| (name.to_owned(), value.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The status, `Content-Type`, `Retry-After`, `Allow` and body of an error's answer.
+    fn check(error: HttpError, surface: Surface, expected: (u16, &str, bool, Option<&str>, &str)) {
+        let response = error.into_response(surface);
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value: &HeaderValue| value.to_str().ok())
+        };
+        let actual = (
+            response.status().as_u16(),
+            header(CONTENT_TYPE).unwrap_or_default(),
+            header(RETRY_AFTER).is_some(),
+            header(ALLOW),
+            response.body().as_str(),
+        );
+        assert_eq!(actual, expected);
+    }
+
+    #[test]
+    fn long_poll_errors_are_json_with_a_code_a_message_and_details() {
+        let gap = HttpError::new(ErrorCode::Gap, "frames are missing before seq 3")
+            .with_detail("expected", 2)
+            .with_detail("received", 1);
+        check(
+            gap,
+            Surface::LongPoll,
+            (
+                409,
+                APPLICATION_JSON,
+                false,
+                None,
+                r#"{"error":"gap","message":"frames are missing before seq 3","expected":2,"received":1}"#,
+            ),
+        );
+        let wrong_method =
+            HttpError::new(ErrorCode::MethodNotAllowed, "use GET").with_allow("GET, OPTIONS");
+        check(
+            wrong_method,
+            Surface::LongPoll,
+            (
+                405,
+                APPLICATION_JSON,
+                false,
+                Some("GET, OPTIONS"),
+                r#"{"error":"method-not-allowed","message":"use GET"}"#,
+            ),
+        );
+    }
+
+    #[test]
+    fn busy_answers_carry_retry_after_on_every_surface() {
+        check(
+            HttpError::busy(Busy::LongPollSessionsMax),
+            Surface::LongPoll,
+            (
+                503,
+                APPLICATION_JSON,
+                true,
+                None,
+                r#"{"error":"busy","message":"too many long-poll sessions"}"#,
+            ),
+        );
+        check(
+            HttpError::busy(Busy::ConnectionsMax),
+            Surface::Listener,
+            (503, TEXT_PLAIN, true, None, "too many connections\n"),
+        );
+    }
+
+    #[test]
+    fn api_errors_are_json_with_the_message_as_error() {
+        check(
+            HttpError::bad_request("the body is not JSON"),
+            Surface::Api,
+            (
+                400,
+                APPLICATION_JSON,
+                false,
+                None,
+                r#"{"error":"the body is not JSON"}"#,
+            ),
+        );
+        check(
+            HttpError::new(ErrorCode::Unavailable, "the log cannot serve this now"),
+            Surface::Api,
+            (
+                503,
+                APPLICATION_JSON,
+                false,
+                None,
+                r#"{"error":"the log cannot serve this now"}"#,
+            ),
+        );
+    }
+
+    #[test]
+    fn listener_errors_are_plain_text_lines() {
+        check(
+            HttpError::new(ErrorCode::Forbidden, "origin not allowed"),
+            Surface::Listener,
+            (403, TEXT_PLAIN, false, None, "origin not allowed\n"),
+        );
+    }
+
+    #[test]
+    fn cookies_are_trimmed_and_unquoted() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; b=\"two\""));
+        headers.append(COOKIE, HeaderValue::from_static(" =x;c = 3 "));
+        let remote = SocketAddr::from(([127, 0, 0, 1], 9));
+        let peer = peer_from_headers(&headers, remote, "ws", None);
+        let cookies: Vec<(&str, &str)> = peer
+            .cookies
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        assert_eq!(cookies, [("a", "1"), ("b", "two"), ("c", "3")]);
+    }
+
+    /// Architecture invariant: only this module builds a response from scratch or sets a
+    /// status, so every error answer goes through `HttpError::into_response`.
+    #[test]
+    fn only_this_module_builds_responses() {
+        let sources = [
+            ("http.rs", include_str!("http.rs")),
+            ("long_poll.rs", include_str!("long_poll.rs")),
+            ("ws.rs", include_str!("ws.rs")),
+            ("api.rs", include_str!("api.rs")),
+        ];
+        for (file, source) in sources {
+            for forbidden in ["Response::new(", "status_mut()", "StatusCode::from_u16"] {
+                assert!(
+                    !source.contains(forbidden),
+                    "{file} uses {forbidden}: build answers with transports::common"
+                );
+            }
+        }
+    }
 }

@@ -26,6 +26,16 @@ pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// together, and without this bound those buffers, not the connections, set the memory
 /// peak. Connections beyond it wait (accepted, with no buffer) for their turn.
 pub const HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// Pending connections the kernel queues for `accept` (tokio's default is 128; a reconnect
+/// storm overflows that, and dropped SYNs cost clients 1 s retransmission delays).
+pub const LISTEN_BACKLOG_MAX: u32 = 4_096;
+/// Pause after a failed `accept` (out of file descriptors, say), so that the loop waits for
+/// connections to close instead of spinning on the error.
+pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// The `Content-Type` of `GET /metrics`: Prometheus' text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// True when the request's `Origin` may open a WebSocket: no allow-list, no `Origin`
 /// header (not a browser), or an origin on the list.
@@ -49,16 +59,6 @@ pub struct ServeOptions {
     /// Called with every new peer (WebSocket upgrades and long-poll sessions).
     pub peer_observer: Option<PeerObserver>,
 }
-
-/// Pending connections the kernel queues for `accept` (tokio's default is 128; a reconnect
-/// storm overflows that, and dropped SYNs cost clients 1 s retransmission delays).
-pub const LISTEN_BACKLOG_MAX: u32 = 4_096;
-/// Pause after a failed `accept` (out of file descriptors, say), so that the loop waits for
-/// connections to close instead of spinning on the error.
-pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
-
-/// How long a TLS handshake may take.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Holds a connection's share of `connections_max` and of its address's
 /// `connections_per_address_max` until the last clone is dropped.
@@ -296,7 +296,7 @@ impl Accepted {
                 let mut response = common::plain(StatusCode::OK, &server.render_metrics());
                 response.headers_mut().insert(
                     CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    HeaderValue::from_static(PROMETHEUS_TEXT),
                 );
                 Ok(response)
             }
@@ -316,10 +316,12 @@ impl Accepted {
             Rejection::Origin.count(&server.metrics);
             return Err(HttpError::new(ErrorCode::Forbidden, "origin not allowed"));
         }
-        let peer = common::peer_from_headers(request.headers(), self.remote, "ws");
-        if let Some(observer) = &self.observer {
-            observer(&peer);
-        }
+        let peer = common::peer_from_headers(
+            request.headers(),
+            self.remote,
+            super::ws::TRANSPORT,
+            self.observer.as_ref(),
+        );
         super::ws::upgrade(request, server.clone(), peer, self.slot.clone())
     }
 }

@@ -387,10 +387,8 @@ impl LongPoll {
             return Err(Busy::LongPollSessionsMax.refuse(&server.metrics));
         }
         let id = new_session_id();
-        let peer = common::peer_from_headers(request.headers(), remote, TRANSPORT);
-        if let Some(observer) = &self.observer {
-            observer(&peer);
-        }
+        let peer =
+            common::peer_from_headers(request.headers(), remote, TRANSPORT, self.observer.as_ref());
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE_FRAMES_MAX);
         let (stop, stopped) = watch::channel(false);
         let session = Arc::new(Session::new(tx, stop));

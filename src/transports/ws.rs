@@ -24,6 +24,8 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+/// The `"transport"` of WebSocket peers in logs and metrics.
+pub const TRANSPORT: &str = "ws";
 /// Initial read buffer per connection; tungstenite's 128 KiB default costs over 1 GiB at
 /// 10,000 connections. It grows for large frames.
 pub const WS_READ_BUFFER_BYTES: usize = 512;
