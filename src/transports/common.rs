@@ -258,7 +258,7 @@ pub fn too_large(max: usize) -> HttpError {
 
 /// Why a transport refused a connection or a request: one variant per
 /// `ferry_rejections_total` reason the transports count, so that each reason has one
-/// spelling (README, "Long-poll transport", lists them).
+/// spelling (README, "Long-poll transport", lists those of long-poll).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     /// Shutdown has started.
