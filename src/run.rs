@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 
 /// How long shutdown waits for connections to close before flushing the log anyway.
 pub const SHUTDOWN_DRAIN_MS: u64 = 5_000;
+/// How often the shutdown drain checks whether every connection has closed.
+pub const SHUTDOWN_DRAIN_POLL_MS: u64 = 20;
 
 /// Errors of a whole run.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +133,7 @@ pub async fn serve_until(
     let _ = accept.await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
     while server.hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(SHUTDOWN_DRAIN_POLL_MS)).await;
     }
     server.log.close().await?;
     tracing::info!("log flushed, bye");
@@ -156,7 +158,7 @@ mod tests {
         .join()
         .expect("thread");
         // `nice` stops at 19.
-        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(19));
+        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(PIPELINE_NICE_MAX));
         assert_eq!(
             rustix::process::getpriority_process(None).expect("nice"),
             before,

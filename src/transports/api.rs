@@ -7,12 +7,12 @@
 //! - `GET /api/v1/channel?name=&since=&limit=`: a channel's stored actions after `since`;
 //! - `GET /api/v1/state?key=`: a reducer's or SyncMap object's current state.
 
+use super::common::{self, ErrorCode, HttpError, Surface};
 use crate::backend::{meta_json, sign, ServerAction};
 use crate::log::{AppendOutcome, LogError};
 use crate::server::Server;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -21,32 +21,25 @@ use std::sync::Arc;
 pub const API_PREFIX: &str = "/api/";
 /// Largest request body accepted.
 pub const API_BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Default and largest page of `GET /api/v1/channel`.
-pub const CHANNEL_PAGE_DEFAULT: usize = 100;
-/// Largest page of `GET /api/v1/channel`.
-pub const CHANNEL_PAGE_MAX: usize = 1_000;
+/// Actions in a page of `GET /api/v1/channel` without `limit`.
+pub const CHANNEL_PAGE_ACTIONS_DEFAULT: usize = 100;
+/// Largest `limit` of `GET /api/v1/channel`, in actions.
+pub const CHANNEL_PAGE_ACTIONS_MAX: usize = 1_000;
 
 /// True for paths the server API serves.
 pub fn is_api_path(path: &str) -> bool {
     path.starts_with(API_PREFIX)
 }
 
-fn answer(status: StatusCode, body: &Value) -> Response<String> {
-    let mut response = Response::new(body.to_string());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn error(status: StatusCode, message: &str) -> Response<String> {
-    answer(status, &json!({ "error": message }))
-}
-
 /// Serves one API request.
 pub async fn handle(request: Request<Incoming>, server: Arc<Server>) -> Response<String> {
-    let (response, outcome) = serve(request, &server).await;
+    let (response, outcome) = match serve(request, &server).await {
+        Ok(body) => (common::json(StatusCode::OK, body.to_string()), "ok"),
+        Err(error) => {
+            let outcome = outcome(error.code());
+            (error.into_response(Surface::Api), outcome)
+        }
+    };
     server
         .metrics
         .api_requests
@@ -55,35 +48,28 @@ pub async fn handle(request: Request<Incoming>, server: Arc<Server>) -> Response
     response
 }
 
-async fn serve(request: Request<Incoming>, server: &Server) -> (Response<String>, &'static str) {
+/// The `outcome` label of `ferry_api_requests_total` for an error.
+fn outcome(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Disabled => "disabled",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::NotFound => "not_found",
+        // The log failing (503) and a stored state that cannot be decoded (500).
+        _ => "unavailable",
+    }
+}
+
+async fn serve(request: Request<Incoming>, server: &Server) -> ApiResult {
     let Some(backend) = &server.backend else {
-        return (
-            error(
-                StatusCode::NOT_FOUND,
-                "the server API needs a [backend] section with a secret",
-            ),
-            "disabled",
-        );
+        return Err(HttpError::new(
+            ErrorCode::Disabled,
+            "the server API needs a [backend] section with a secret",
+        ));
     };
     let (parts, body) = request.into_parts();
-    let body = match Limited::new(body, API_BODY_BYTES_MAX).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(cause) if cause.is::<LengthLimitError>() => {
-            return (
-                error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("the body is larger than {API_BODY_BYTES_MAX} bytes"),
-                ),
-                "too_large",
-            )
-        }
-        Err(_) => {
-            return (
-                error(StatusCode::BAD_REQUEST, "the body could not be read"),
-                "bad_request",
-            )
-        }
-    };
+    let body = common::read_body(body, API_BODY_BYTES_MAX).await?;
     let header = |name: &str| {
         parts
             .headers
@@ -104,54 +90,39 @@ async fn serve(request: Request<Incoming>, server: &Server) -> (Response<String>
         _ => false,
     };
     if !bearer && !signed {
-        return (
-            error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong Authorization bearer secret or Ferry-Signature",
-            ),
-            "unauthorized",
-        );
+        return Err(HttpError::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong Authorization bearer secret or Ferry-Signature",
+        ));
     }
     let query = parts.uri.query().unwrap_or("");
-    let result = match (&parts.method, parts.uri.path()) {
+    match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/api/v1/actions") => add_actions(server, &body).await,
         (&Method::GET, "/api/v1/channel") => read_channel(server, query),
         (&Method::GET, "/api/v1/state") => read_state(server, query).await,
-        _ => Err((StatusCode::NOT_FOUND, "no such API endpoint".to_owned())),
-    };
-    match result {
-        Ok(body) => (answer(StatusCode::OK, &body), "ok"),
-        Err((status, message)) => {
-            let outcome = match status {
-                StatusCode::BAD_REQUEST => "bad_request",
-                StatusCode::NOT_FOUND => "not_found",
-                _ => "unavailable",
-            };
-            (error(status, &message), outcome)
-        }
+        _ => Err(HttpError::new(ErrorCode::NotFound, "no such API endpoint")),
     }
 }
 
-type ApiResult = Result<Value, (StatusCode, String)>;
+type ApiResult = Result<Value, HttpError>;
 
-fn bad(message: impl Into<String>) -> (StatusCode, String) {
-    (StatusCode::BAD_REQUEST, message.into())
-}
-
-fn unavailable(cause: LogError) -> (StatusCode, String) {
+fn unavailable(cause: LogError) -> HttpError {
     tracing::error!(error = %cause, "server API: the log failed");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
+    HttpError::new(
+        ErrorCode::Unavailable,
         format!("the log cannot serve this now: {cause}"),
     )
 }
 
 async fn add_actions(server: &Server, body: &[u8]) -> ApiResult {
-    let request: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
-    let actions = ServerAction::parse_list(request.get("actions")).map_err(bad)?;
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| HttpError::bad_request(format!("the body is not JSON: {e}")))?;
+    let actions =
+        ServerAction::parse_list(request.get("actions")).map_err(HttpError::bad_request)?;
     if actions.is_empty() {
-        return Err(bad("\"actions\" must list at least one action"));
+        return Err(HttpError::bad_request(
+            "\"actions\" must list at least one action",
+        ));
     }
     let ids: Vec<String> = actions.iter().map(|action| action.id.clone()).collect();
     let now = server.clock.now_ms();
@@ -181,20 +152,22 @@ async fn add_actions(server: &Server, body: &[u8]) -> ApiResult {
 fn read_channel(server: &Server, query: &str) -> ApiResult {
     let name = query_param(query, "name")
         .filter(|name| !name.is_empty())
-        .ok_or_else(|| bad("the query needs name=<channel>"))?;
+        .ok_or_else(|| HttpError::bad_request("the query needs name=<channel>"))?;
     let since = match query_param(query, "since") {
         Some(text) => text
             .parse::<u64>()
-            .map_err(|_| bad("since must be a non-negative integer"))?,
+            .map_err(|_| HttpError::bad_request("since must be a non-negative integer"))?,
         None => 0,
     };
     let limit = match query_param(query, "limit") {
         Some(text) => text
             .parse::<usize>()
             .ok()
-            .filter(|limit| (1..=CHANNEL_PAGE_MAX).contains(limit))
-            .ok_or_else(|| bad(format!("limit must be 1 to {CHANNEL_PAGE_MAX}")))?,
-        None => CHANNEL_PAGE_DEFAULT,
+            .filter(|limit| (1..=CHANNEL_PAGE_ACTIONS_MAX).contains(limit))
+            .ok_or_else(|| {
+                HttpError::bad_request(format!("limit must be 1 to {CHANNEL_PAGE_ACTIONS_MAX}"))
+            })?,
+        None => CHANNEL_PAGE_ACTIONS_DEFAULT,
     };
     let head = server.log.head();
     let entries = server
@@ -214,19 +187,15 @@ fn read_channel(server: &Server, query: &str) -> ApiResult {
 async fn read_state(server: &Server, query: &str) -> ApiResult {
     let key = query_param(query, "key")
         .filter(|key| !key.is_empty())
-        .ok_or_else(|| bad("the query needs key=<object>"))?;
+        .ok_or_else(|| HttpError::bad_request("the query needs key=<object>"))?;
     let stored = server
         .log
         .state(&key)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no state for {key:?}")))?;
-    let state = crate::server::objects::decode(&stored.state).ok_or_else(|| {
-        (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the stored state cannot be decoded".to_owned(),
-        )
-    })?;
+        .ok_or_else(|| HttpError::new(ErrorCode::NotFound, format!("no state for {key:?}")))?;
+    let state = crate::server::objects::decode(&stored.state)
+        .ok_or_else(|| HttpError::new(ErrorCode::Internal, "the stored state cannot be decoded"))?;
     Ok(json!({
         "key": key,
         "added": stored.added,

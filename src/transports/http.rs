@@ -1,12 +1,12 @@
 //! The HTTP listener: one port for `GET /health`, `GET /metrics`, WebSocket upgrades on any
 //! path, and the long-poll endpoints under `/lp/`.
 
+use super::common::{self, ErrorCode, HttpError, PeerObserver, Rejection, Surface};
 use super::long_poll::{self, LongPoll};
-use crate::peer::Peer;
 use crate::server::Server;
 use dashmap::DashMap;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE, COOKIE};
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,8 +15,9 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 /// How long an HTTP connection may take to send its request headers.
 pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
@@ -25,6 +26,16 @@ pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// together, and without this bound those buffers, not the connections, set the memory
 /// peak. Connections beyond it wait (accepted, with no buffer) for their turn.
 pub const HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+/// Pending connections the kernel queues for `accept` (tokio's default is 128; a reconnect
+/// storm overflows that, and dropped SYNs cost clients 1 s retransmission delays).
+pub const LISTEN_BACKLOG_MAX: u32 = 4_096;
+/// Pause after a failed `accept` (out of file descriptors, say), so that the loop waits for
+/// connections to close instead of spinning on the error.
+pub const ACCEPT_ERROR_BACKOFF_MS: u64 = 50;
+/// How long a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// The `Content-Type` of `GET /metrics`: Prometheus' text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// True when the request's `Origin` may open a WebSocket: no allow-list, no `Origin`
 /// header (not a browser), or an origin on the list.
@@ -42,79 +53,12 @@ pub fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     }
 }
 
-/// A plain-text response.
-pub fn plain(status: StatusCode, body: &str) -> Response<String> {
-    let mut response = Response::new(body.to_owned());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-/// A 503 with a jittered `Retry-After`: Logux clients back off further after a refused
-/// upgrade than after a closed socket.
-pub fn busy(body: &str) -> Response<String> {
-    let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, body);
-    let seconds = crate::server::admission::Admission::retry_after_seconds();
-    if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
-        response
-            .headers_mut()
-            .insert(hyper::header::RETRY_AFTER, value);
-    }
-    response
-}
-
-/// Sees every `Peer` a transport creates, before its connection starts: a seam for tests that
-/// check what reaches auth.
-pub type PeerObserver = Arc<dyn Fn(&Peer) + Send + Sync>;
-
 /// Options of [`serve_with`].
 #[derive(Clone, Default)]
 pub struct ServeOptions {
     /// Called with every new peer (WebSocket upgrades and long-poll sessions).
     pub peer_observer: Option<PeerObserver>,
 }
-
-/// The `Peer` of a connection opened by a request with these headers: the TCP address, every
-/// header whose value is visible ASCII, and the cookies of the `Cookie` headers.
-pub fn peer_from_headers(headers: &HeaderMap, remote: SocketAddr, transport: &'static str) -> Peer {
-    let list = headers
-        .iter()
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect();
-    let cookies = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            let name = name.trim();
-            let value = value.trim();
-            // RFC 6265 allows a value in double quotes; the quotes are not part of it.
-            let value = value
-                .strip_prefix('"')
-                .and_then(|inner| inner.strip_suffix('"'))
-                .unwrap_or(value);
-            (!name.is_empty()).then(|| (name.to_owned(), value.to_owned()))
-        })
-        .collect();
-    let mut peer = Peer::new(remote.ip(), transport);
-    peer.headers = Arc::new(list);
-    peer.cookies = Arc::new(cookies);
-    peer
-}
-
-/// Pending connections the kernel queues for `accept` (tokio's default is 128; a reconnect
-/// storm overflows that, and dropped SYNs cost clients 1 s retransmission delays).
-pub const LISTEN_BACKLOG: u32 = 4_096;
-
-/// How long a TLS handshake may take.
-pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Holds a connection's share of `connections_max` and of its address's
 /// `connections_per_address_max` until the last clone is dropped.
@@ -160,7 +104,7 @@ struct Held {
     _address: Option<AddressGuard>,
 }
 
-/// Binds `addr` with a listen backlog of `LISTEN_BACKLOG`.
+/// Binds `addr` with a listen backlog of `LISTEN_BACKLOG_MAX`.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -169,7 +113,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    socket.listen(LISTEN_BACKLOG_MAX)
 }
 
 /// Accepts connections until shutdown starts.
@@ -179,11 +123,6 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>) {
 
 /// [`serve`] with options.
 pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: ServeOptions) {
-    let long_poll = LongPoll::new(server.clone(), options.peer_observer.clone());
-    let permits = Arc::new(Semaphore::new(server.config.limits.connections_max));
-    let first_requests = Arc::new(Semaphore::new(HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX));
-    let addresses = Arc::new(AddressCounts::default());
-    let per_address_max = server.config.limits.connections_per_address_max;
     let tls = match &server.config.tls {
         Some(settings) => match super::tls::acceptor(&settings.cert, &settings.key) {
             Ok(acceptor) => Some(acceptor),
@@ -194,57 +133,70 @@ pub async fn serve_with(listener: TcpListener, server: Arc<Server>, options: Ser
         },
         None => None,
     };
+    let shared = Shared {
+        long_poll: LongPoll::new(server.clone(), options.peer_observer.clone()),
+        permits: Arc::new(Semaphore::new(server.config.limits.connections_max)),
+        first_requests: Arc::new(Semaphore::new(HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX)),
+        addresses: Arc::new(AddressCounts::default()),
+        observer: options.peer_observer,
+        server,
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = server.shut_down() => break,
+            _ = shared.server.shut_down() => break,
         };
         let (stream, remote) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors and similar: wait a little instead of spinning.
                 tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
                 continue;
             }
         };
-        if server.is_shutting_down() {
+        if shared.server.is_shutting_down() {
             break;
         }
         let _ = stream.set_nodelay(true);
-        let global = permits.clone().try_acquire_owned().ok();
-        let address = addresses.enter(remote.ip(), per_address_max);
+        tokio::spawn(shared.accepted(remote).serve_stream(stream, tls.clone()));
+    }
+}
+
+/// What every connection of one listener shares.
+struct Shared {
+    server: Arc<Server>,
+    /// The long-poll sessions of this listener.
+    long_poll: Arc<LongPoll>,
+    /// Bounds open connections (`connections_max`).
+    permits: Arc<Semaphore>,
+    /// Bounds the connections reading their first request (`HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX`).
+    first_requests: Arc<Semaphore>,
+    /// Bounds open connections per address (`connections_per_address_max`).
+    addresses: Arc<AddressCounts>,
+    /// Sees every new peer (tests).
+    observer: Option<PeerObserver>,
+}
+
+impl Shared {
+    /// A connection from `remote`, holding its shares of the connection limits if they were
+    /// free. One over a limit is still served, so that it gets a 503 instead of a reset.
+    fn accepted(&self, remote: SocketAddr) -> Accepted {
+        let global = self.permits.clone().try_acquire_owned().ok();
+        let per_address_max = self.server.config.limits.connections_per_address_max;
+        let address = self.addresses.enter(remote.ip(), per_address_max);
         let over_limit = global.is_none() || address.is_none();
-        let slot: Slot = Arc::new(Held {
-            _global: global,
-            _address: address,
-        });
-        let connection = Accepted {
-            server: server.clone(),
-            long_poll: long_poll.clone(),
-            observer: options.peer_observer.clone(),
+        Accepted {
+            server: self.server.clone(),
+            long_poll: self.long_poll.clone(),
+            observer: self.observer.clone(),
             remote,
             over_limit,
-            slot,
-            first_requests: first_requests.clone(),
-        };
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => connection.serve(stream).await,
-                Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
-                        Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
-                        acceptor.accept(stream),
-                    );
-                    match handshake.await {
-                        Ok(Ok(stream)) => connection.serve(stream).await,
-                        Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
-                }
-            }
-        });
+            slot: Arc::new(Held {
+                _global: global,
+                _address: address,
+            }),
+            first_requests: self.first_requests.clone(),
+        }
     }
 }
 
@@ -254,51 +206,48 @@ struct Accepted {
     long_poll: Arc<LongPoll>,
     observer: Option<PeerObserver>,
     remote: SocketAddr,
+    /// The connection is over `connections_max` or `connections_per_address_max`: it may
+    /// use `/health` and the like, but may not open a Logux connection.
     over_limit: bool,
+    /// Its shares of the connection limits, handed on to an upgraded socket.
     slot: Slot,
     /// Bounds the connections reading their first request (`HTTP_FIRST_REQUESTS_IN_FLIGHT_MAX`).
     first_requests: Arc<Semaphore>,
 }
 
 impl Accepted {
+    /// Serves the TCP stream, after a TLS handshake when `tls` is set.
+    async fn serve_stream(self, stream: TcpStream, tls: Option<TlsAcceptor>) {
+        let Some(acceptor) = tls else {
+            return self.serve(stream).await;
+        };
+        let handshake = tokio::time::timeout(
+            Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS),
+            acceptor.accept(stream),
+        );
+        match handshake.await {
+            Ok(Ok(stream)) => self.serve(stream).await,
+            Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
+        }
+    }
+
     /// Serves HTTP/1.1 on `io`, with upgrades.
     async fn serve<I>(self, io: I)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let Accepted {
-            server,
-            long_poll,
-            observer,
-            remote,
-            over_limit,
-            slot,
-            first_requests,
-        } = self;
         // Held until the first request's head is read; the semaphore is never closed.
         let first_request = Arc::new(std::sync::Mutex::new(
-            first_requests.acquire_owned().await.ok(),
+            self.first_requests.clone().acquire_owned().await.ok(),
         ));
+        let connection = Arc::new(self);
         let service = service_fn(move |request: Request<Incoming>| {
             if let Ok(mut permit) = first_request.lock() {
                 permit.take();
             }
-            let server = server.clone();
-            let long_poll = long_poll.clone();
-            let observer = observer.clone();
-            let slot = slot.clone();
-            async move {
-                if super::api::is_api_path(request.uri().path()) {
-                    return Ok(super::api::handle(request, server).await);
-                }
-                if long_poll::is_long_poll_path(request.uri().path())
-                    && !super::ws::is_upgrade(&request)
-                {
-                    let response = long_poll.handle(request, remote, over_limit).await;
-                    return Ok::<_, Infallible>(response);
-                }
-                Ok(route(request, server, remote, over_limit, observer, slot))
-            }
+            let connection = connection.clone();
+            async move { Ok::<_, Infallible>(connection.answer(request).await) }
         });
         let mut builder = http1::Builder::new();
         builder
@@ -311,67 +260,68 @@ impl Accepted {
             tracing::debug!(%error, "http connection ended with an error");
         }
     }
-}
 
-fn route(
-    request: Request<Incoming>,
-    server: Arc<Server>,
-    remote: SocketAddr,
-    over_limit: bool,
-    observer: Option<PeerObserver>,
-    slot: Slot,
-) -> Response<String> {
-    if server.is_shutting_down() {
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The server is shutting down\n",
-        );
+    /// Answers one request of this connection.
+    async fn answer(&self, request: Request<Incoming>) -> Response<String> {
+        let path = request.uri().path();
+        if super::api::is_api_path(path) {
+            return super::api::handle(request, self.server.clone()).await;
+        }
+        if long_poll::is_long_poll_path(path) && !super::ws::is_upgrade(&request) {
+            return self
+                .long_poll
+                .handle(request, self.remote, self.over_limit)
+                .await;
+        }
+        self.route(request)
+            .unwrap_or_else(|error| error.into_response(Surface::Listener))
     }
-    if super::ws::is_upgrade(&request) {
-        if over_limit {
-            server
-                .metrics
-                .rejections
-                .with_label_values(&["connections_max"])
-                .inc();
-            return busy("Too many connections\n");
+
+    /// Answers the listener's own endpoints and WebSocket upgrades.
+    fn route(&self, request: Request<Incoming>) -> Result<Response<String>, HttpError> {
+        let server = &self.server;
+        if server.is_shutting_down() {
+            // Every path, `/health` included, so that load balancers stop sending clients.
+            return Err(HttpError::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down",
+            ));
         }
-        if server.admission.is_full() {
-            server
-                .metrics
-                .rejections
-                .with_label_values(&["waiting_room_full"])
-                .inc();
-            return busy("The waiting room is full, retry later\n");
+        if super::ws::is_upgrade(&request) {
+            return self.upgrade(request);
         }
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/health") => Ok(common::plain(StatusCode::OK, "Ferry: OK\n")),
+            (&Method::GET, "/metrics") => {
+                let mut response = common::plain(StatusCode::OK, &server.render_metrics());
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(PROMETHEUS_TEXT),
+                );
+                Ok(response)
+            }
+            (&Method::GET, "/") => Ok(common::plain(
+                StatusCode::OK,
+                "Ferry, a Logux sync server. Connect a Logux client over WebSocket to this address.\n",
+            )),
+            _ => Err(HttpError::new(ErrorCode::NotFound, "not found")),
+        }
+    }
+
+    /// Admits a WebSocket upgrade and hands the socket to `ws`.
+    fn upgrade(&self, request: Request<Incoming>) -> Result<Response<String>, HttpError> {
+        let server = &self.server;
+        common::admit(server, self.over_limit)?;
         if !origin_allowed(&server.config.allowed_origins, request.headers()) {
-            server
-                .metrics
-                .rejections
-                .with_label_values(&["origin"])
-                .inc();
-            return plain(StatusCode::FORBIDDEN, "Origin not allowed\n");
+            Rejection::Origin.count(&server.metrics);
+            return Err(HttpError::new(ErrorCode::Forbidden, "origin not allowed"));
         }
-        let peer = peer_from_headers(request.headers(), remote, "ws");
-        if let Some(observer) = &observer {
-            observer(&peer);
-        }
-        return super::ws::upgrade(request, server, peer, slot);
-    }
-    match (request.method(), request.uri().path()) {
-        (&Method::GET, "/health") => plain(StatusCode::OK, "Ferry: OK\n"),
-        (&Method::GET, "/metrics") => {
-            let mut response = plain(StatusCode::OK, &server.render_metrics());
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
-        (&Method::GET, "/") => plain(
-            StatusCode::OK,
-            "Ferry, a Logux sync server. Connect a Logux client over WebSocket to this address.\n",
-        ),
-        _ => plain(StatusCode::NOT_FOUND, "Not found\n"),
+        let peer = common::peer_from_headers(
+            request.headers(),
+            self.remote,
+            super::ws::TRANSPORT,
+            self.observer.as_ref(),
+        );
+        super::ws::upgrade(request, server.clone(), peer, self.slot.clone())
     }
 }

@@ -16,7 +16,7 @@
 //! the connection's frame stream ends, so the hub unsubscribes it and forgets its client.
 //! The exact HTTP contract is in README.md ("Long-poll transport").
 
-use super::http::{self, PeerObserver};
+use super::common::{self, Busy, ErrorCode, HttpError, PeerObserver, Rejection, Surface};
 use crate::metrics::Metrics;
 use crate::protocol::ProtocolError;
 use crate::server::connection::{self, Inbound};
@@ -24,13 +24,12 @@ use crate::server::Server;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::stream;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS,
     ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS,
-    ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ALLOW, CACHE_CONTROL, CONTENT_LENGTH,
-    CONTENT_TYPE, ORIGIN, VARY,
+    ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, CACHE_CONTROL, CONTENT_LENGTH, ORIGIN,
+    VARY,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -205,23 +204,6 @@ impl Session {
     }
 }
 
-/// What went wrong with a request, as an HTTP answer.
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
 /// `send`'s body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -322,7 +304,7 @@ impl LongPoll {
             .cloned();
         let mut response = match self.dispatch(request, remote, over_limit).await {
             Ok(response) => response,
-            Err(refusal) => self.refusal(refusal),
+            Err(error) => error.into_response(Surface::LongPoll),
         };
         let headers = response.headers_mut();
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -335,35 +317,29 @@ impl LongPoll {
         request: Request<Incoming>,
         remote: SocketAddr,
         over_limit: bool,
-    ) -> Result<Response<String>, Refusal> {
+    ) -> Result<Response<String>, HttpError> {
         let path = request.uri().path().to_owned();
         let Some(endpoint) = endpoint(&path) else {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                "not-found",
+            return Err(HttpError::new(
+                ErrorCode::NotFound,
                 "no such long-poll endpoint",
             ));
         };
         let method = request.method().clone();
         if method == Method::OPTIONS {
-            let mut response = Response::new(String::new());
-            *response.status_mut() = StatusCode::NO_CONTENT;
-            return Ok(response);
+            return Ok(common::empty(StatusCode::NO_CONTENT));
         }
-        let expected = match endpoint {
-            Endpoint::Poll(_) => Method::GET,
-            Endpoint::Open | Endpoint::Send(_) | Endpoint::Close(_) => Method::POST,
+        let (expected, allow) = match endpoint {
+            Endpoint::Poll(_) => (Method::GET, "GET, OPTIONS"),
+            Endpoint::Open | Endpoint::Send(_) | Endpoint::Close(_) => {
+                (Method::POST, "POST, OPTIONS")
+            }
         };
         if method != expected {
-            let mut response = self.refusal(Refusal::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method-not-allowed",
-                format!("use {expected}"),
-            ));
-            if let Ok(value) = HeaderValue::from_str(&format!("{expected}, OPTIONS")) {
-                response.headers_mut().insert(ALLOW, value);
-            }
-            return Ok(response);
+            return Err(
+                HttpError::new(ErrorCode::MethodNotAllowed, format!("use {expected}"))
+                    .with_allow(allow),
+            );
         }
         match endpoint {
             Endpoint::Open => self.open(&request, remote, over_limit),
@@ -379,48 +355,22 @@ impl LongPoll {
                 let session = self.find(id)?;
                 session.lock().close_requested = true;
                 session.wake_task.notify_one();
-                let mut response = Response::new(String::new());
-                *response.status_mut() = StatusCode::NO_CONTENT;
-                Ok(response)
+                Ok(common::empty(StatusCode::NO_CONTENT))
             }
         }
     }
 
-    fn find(&self, id: &str) -> Result<Arc<Session>, Refusal> {
+    fn find(&self, id: &str) -> Result<Arc<Session>, HttpError> {
         match self.sessions.get(id) {
             Some(session) => Ok(session.clone()),
             None => {
-                self.reject("long_poll_unknown_session");
-                Err(Refusal::new(
-                    StatusCode::GONE,
-                    "gone",
+                Rejection::LongPollUnknownSession.count(&self.server.metrics);
+                Err(HttpError::new(
+                    ErrorCode::Gone,
                     "unknown or expired session: open a new one",
                 ))
             }
         }
-    }
-
-    fn reject(&self, reason: &str) {
-        self.server
-            .metrics
-            .rejections
-            .with_label_values(&[reason])
-            .inc();
-    }
-
-    /// A 503 with a jittered `Retry-After`, counted under `reason`.
-    fn busy(&self, reason: &str, message: &str) -> Result<Response<String>, Refusal> {
-        self.reject(reason);
-        let mut response = http::busy(message);
-        *response.body_mut() = error_body("busy", message);
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        Ok(response)
-    }
-
-    fn refusal(&self, refusal: Refusal) -> Response<String> {
-        json_response(refusal.status, error_body(refusal.code, &refusal.message))
     }
 
     fn open(
@@ -428,27 +378,17 @@ impl LongPoll {
         request: &Request<Incoming>,
         remote: SocketAddr,
         over_limit: bool,
-    ) -> Result<Response<String>, Refusal> {
+    ) -> Result<Response<String>, HttpError> {
         let server = &self.server;
-        if server.is_shutting_down() {
-            return self.busy("shutting_down", "the server is shutting down");
-        }
-        if over_limit {
-            return self.busy("connections_max", "too many connections");
-        }
-        if server.admission.is_full() {
-            return self.busy("waiting_room_full", "the waiting room is full, retry later");
-        }
+        common::admit(server, over_limit)?;
         let config = &server.config.long_poll;
         if self.reserved.fetch_add(1, Ordering::AcqRel) >= config.sessions_max {
             self.reserved.fetch_sub(1, Ordering::AcqRel);
-            return self.busy("long_poll_sessions_max", "too many long-poll sessions");
+            return Err(Busy::LongPollSessionsMax.refuse(&server.metrics));
         }
         let id = new_session_id();
-        let peer = http::peer_from_headers(request.headers(), remote, TRANSPORT);
-        if let Some(observer) = &self.observer {
-            observer(&peer);
-        }
+        let peer =
+            common::peer_from_headers(request.headers(), remote, TRANSPORT, self.observer.as_ref());
         let (tx, rx) = mpsc::channel(INBOUND_QUEUE_FRAMES_MAX);
         let (stop, stopped) = watch::channel(false);
         let session = Arc::new(Session::new(tx, stop));
@@ -473,42 +413,37 @@ impl LongPoll {
             hold_ms: config.poll_hold_ms,
             expiry_ms: config.session_expiry_ms,
         };
-        Ok(json_response(StatusCode::OK, to_json(&answer)))
+        Ok(common::json(StatusCode::OK, to_json(&answer)))
     }
 
     async fn send(
         &self,
         session: &Session,
         request: Request<Incoming>,
-    ) -> Result<Response<String>, Refusal> {
+    ) -> Result<Response<String>, HttpError> {
         let _guard = RequestGuard::enter(session);
         let body = self
             .read_body(request, self.server.config.long_poll.body_bytes_max)
             .await?;
         let body: SendBody = serde_json::from_slice(&body).map_err(|error| {
-            Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                format!("the body must be {{\"seq\": N, \"messages\": [...]}}: {error}"),
-            )
+            HttpError::bad_request(format!(
+                "the body must be {{\"seq\": N, \"messages\": [...]}}: {error}"
+            ))
         })?;
         if body.seq == 0 {
-            return Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                "seq starts at 1",
-            ));
+            return Err(HttpError::bad_request("seq starts at 1"));
         }
         let frame_bytes_max = self.server.config.limits.frame_bytes_max;
         let mut inbound = session.inbound.lock().await;
         let expected = inbound.received + 1;
         if body.seq > expected {
-            self.reject("long_poll_gap");
-            let text = format!(
-                r#"{{"error":"gap","message":"frames are missing before seq {}","expected":{expected},"received":{}}}"#,
-                body.seq, inbound.received
-            );
-            return Ok(json_response(StatusCode::CONFLICT, text));
+            Rejection::LongPollGap.count(&self.server.metrics);
+            return Err(HttpError::new(
+                ErrorCode::Gap,
+                format!("frames are missing before seq {}", body.seq),
+            )
+            .with_detail("expected", expected)
+            .with_detail("received", inbound.received));
         }
         // Frames up to `received` were applied by an earlier copy of this request.
         let skip = usize::try_from(expected - body.seq).unwrap_or(usize::MAX);
@@ -538,36 +473,28 @@ impl LongPoll {
             received: inbound.received,
             closed,
         };
-        Ok(json_response(StatusCode::OK, to_json(&answer)))
+        Ok(common::json(StatusCode::OK, to_json(&answer)))
     }
 
     async fn poll(
         &self,
         session: &Session,
         query: Option<&str>,
-    ) -> Result<Response<String>, Refusal> {
+    ) -> Result<Response<String>, HttpError> {
         let _guard = RequestGuard::enter(session);
         let ack = match query_value(query, "ack") {
             None => 0,
-            Some(text) => text.parse::<u64>().map_err(|_| {
-                Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    "ack must be a non-negative integer",
-                )
-            })?,
+            Some(text) => text
+                .parse::<u64>()
+                .map_err(|_| HttpError::bad_request("ack must be a non-negative integer"))?,
         };
         let generation = {
             let mut state = session.lock();
             if ack >= state.next_number() {
-                return Err(Refusal::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    format!(
-                        "ack {ack} is beyond the last frame sent ({})",
-                        state.next_number() - 1
-                    ),
-                ));
+                return Err(HttpError::bad_request(format!(
+                    "ack {ack} is beyond the last frame sent ({})",
+                    state.next_number() - 1
+                )));
             }
             state.acknowledge(ack);
             state.poll_generation += 1;
@@ -594,40 +521,32 @@ impl LongPoll {
         }
     }
 
-    async fn read_body(&self, request: Request<Incoming>, max: usize) -> Result<Bytes, Refusal> {
-        let too_large = || {
-            self.reject("long_poll_body_too_large");
-            Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                format!("the body is over the limit of {max} bytes"),
-            )
-        };
+    /// Reads a body of at most `max` bytes within `BODY_READ_TIMEOUT_MS`.
+    async fn read_body(&self, request: Request<Incoming>, max: usize) -> Result<Bytes, HttpError> {
         let declared = request
             .headers()
             .get(CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > max as u64) {
-            return Err(too_large());
-        }
-        let body = Limited::new(request.into_body(), max).collect();
-        match tokio::time::timeout(Duration::from_millis(BODY_READ_TIMEOUT_MS), body).await {
-            Err(_) => Err(Refusal::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "the body did not arrive in time",
-            )),
-            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                Err(too_large())
+        let read = if declared.is_some_and(|length| length > max as u64) {
+            Err(common::too_large(max))
+        } else {
+            let body = common::read_body(request.into_body(), max);
+            match tokio::time::timeout(Duration::from_millis(BODY_READ_TIMEOUT_MS), body).await {
+                Ok(read) => read,
+                Err(_) => Err(HttpError::new(
+                    ErrorCode::Timeout,
+                    "the body did not arrive in time",
+                )),
             }
-            Ok(Err(error)) => Err(Refusal::new(
-                StatusCode::BAD_REQUEST,
-                "bad-request",
-                format!("reading the body failed: {error}"),
-            )),
-            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        };
+        if read
+            .as_ref()
+            .is_err_and(|error| error.code() == ErrorCode::TooLarge)
+        {
+            Rejection::LongPollBodyTooLarge.count(&self.server.metrics);
         }
+        read
     }
 
     /// Adds CORS headers for an allowed `Origin`: the origin itself with credentials when it
@@ -735,10 +654,7 @@ impl FrameSink {
             tracing::warn!(
                 "long-poll client left too many frames unacknowledged, disconnecting slow consumer"
             );
-            self.metrics
-                .rejections
-                .with_label_values(&["long_poll_queue_full"])
-                .inc();
+            Rejection::LongPollQueueFull.count(&self.metrics);
             self.metrics.slow_consumers.inc();
             return Err("long-poll queue full");
         }
@@ -842,7 +758,7 @@ fn poll_answer(state: &State) -> Response<String> {
         messages,
         closed,
     };
-    json_response(StatusCode::OK, to_json(&answer))
+    common::json(StatusCode::OK, to_json(&answer))
 }
 
 fn new_session_id() -> String {
@@ -867,19 +783,6 @@ fn to_json<T: Serialize>(value: &T) -> String {
         tracing::error!(%error, "serializing a long-poll answer failed");
         String::from("{}")
     })
-}
-
-fn error_body(code: &str, message: &str) -> String {
-    serde_json::json!({ "error": code, "message": message }).to_string()
-}
-
-fn json_response(status: StatusCode, body: String) -> Response<String> {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
 }
 
 #[cfg(test)]

@@ -3,8 +3,14 @@
 //!
 //! Architecture invariant: `hyper` and `tungstenite` appear only here (the server API and the
 //! back-end HTTP client included).
+//!
+//! Architecture invariant: error answers of every HTTP surface (the listener's endpoints and
+//! WebSocket upgrades, long-poll, the server API) are `common::HttpError`s, turned into
+//! responses only by `HttpError::into_response`; the body rule is in `common`'s doc, and a
+//! test there checks that no other module builds a response from scratch.
 
 pub mod api;
+pub mod common;
 pub mod http;
 pub mod http_client;
 pub mod long_poll;

@@ -1,6 +1,7 @@
 //! WebSocket transport: upgrades an HTTP request and adapts the socket to the connection's
 //! frame stream and sink.
 
+use super::common::{self, HttpError};
 use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::server::connection::{self, Inbound};
@@ -23,11 +24,19 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+/// The `"transport"` of WebSocket peers in logs and metrics.
+pub const TRANSPORT: &str = "ws";
 /// Initial read buffer per connection; tungstenite's 128 KiB default costs over 1 GiB at
 /// 10,000 connections. It grows for large frames.
 pub const WS_READ_BUFFER_BYTES: usize = 512;
 /// Bytes gathered before a write reaches the socket (frames are flushed per batch anyway).
 pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
+/// Largest frames' worth of bytes that may wait to be written to one socket: room for a frame
+/// of `frame_bytes_max` while the previous one is still being written.
+pub const WS_PENDING_WRITE_FRAMES_MAX: usize = 2;
+/// The least of that cap, so that small `frame_bytes_max` settings do not turn batches of
+/// small frames into write errors.
+pub const WS_PENDING_WRITE_BYTES_MIN: usize = 1024 * 1024;
 
 /// True when the request asks for a WebSocket upgrade.
 pub fn is_upgrade<B>(request: &Request<B>) -> bool {
@@ -50,9 +59,9 @@ pub fn upgrade(
     server: Arc<Server>,
     peer: Peer,
     slot: super::http::Slot,
-) -> Response<String> {
+) -> Result<Response<String>, HttpError> {
     let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY) else {
-        return super::http::plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        return Err(HttpError::bad_request("missing Sec-WebSocket-Key"));
     };
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
@@ -84,15 +93,14 @@ pub fn upgrade(
         };
         connection.await;
     });
-    let mut response = Response::new(String::new());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut response = common::empty(StatusCode::SWITCHING_PROTOCOLS);
     let headers = response.headers_mut();
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     if let Ok(value) = HeaderValue::from_str(&accept) {
         headers.insert(SEC_WEBSOCKET_ACCEPT, value);
     }
-    response
+    Ok(response)
 }
 
 type Served = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -119,7 +127,11 @@ where
     let config = WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(frame_bytes_max.saturating_mul(2).max(1 << 20))
+        .max_write_buffer_size(
+            frame_bytes_max
+                .saturating_mul(WS_PENDING_WRITE_FRAMES_MAX)
+                .max(WS_PENDING_WRITE_BYTES_MIN),
+        )
         .max_message_size(Some(frame_bytes_max))
         .max_frame_size(Some(frame_bytes_max));
     let socket = if read.is_empty() {
