@@ -158,7 +158,10 @@ mod tests {
         .join()
         .expect("thread");
         // `nice` stops at 19.
-        assert_eq!(after, (before + PIPELINE_NICE_DEFAULT).min(PIPELINE_NICE_MAX));
+        assert_eq!(
+            after,
+            (before + PIPELINE_NICE_DEFAULT).min(PIPELINE_NICE_MAX)
+        );
         assert_eq!(
             rustix::process::getpriority_process(None).expect("nice"),
             before,

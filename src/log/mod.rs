@@ -579,6 +579,24 @@ impl Log {
         }
     }
 
+    /// The positions indexed for `channel` with `after < added <= upto` (at most `upto -
+    /// after` of them), without loading the entries.
+    pub fn channel_positions(
+        &self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<u64>, LogError> {
+        let upto = upto.min(self.head());
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        self.inner
+            .shared
+            .index_positions(&channel_head(), channel, from, upto)
+            .collect()
+    }
+
     /// Entries of `channel` with `after < added <= upto`, oldest first, at most `limit`.
     pub fn channel_since(
         &self,

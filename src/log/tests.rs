@@ -897,3 +897,32 @@ async fn settings_and_retention_go_through_the_writer_and_stop_when_it_is_poison
     assert!(log.entry_at(1).expect("read").is_some(), "retention wrote");
     assert_eq!(log.group_commits(), commits);
 }
+
+#[tokio::test]
+async fn channel_positions_lists_the_indexed_positions_in_the_range() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    append_all(
+        &log,
+        vec![
+            in_channels("1 a 0", &["room"]),
+            in_channels("2 a 0", &["other"]),
+            in_channels("3 a 0", &["room", "other"]),
+            in_channels("4 a 0", &["room"]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        log.channel_positions("room", 0, 4).expect("read"),
+        vec![1, 3, 4]
+    );
+    assert_eq!(log.channel_positions("room", 1, 3).expect("read"), vec![3]);
+    assert_eq!(
+        log.channel_positions("room", 4, 9).expect("read"),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        log.channel_positions("room", u64::MAX, 9).expect("read"),
+        Vec::<u64>::new()
+    );
+}

@@ -39,6 +39,14 @@ pub const WRITE_STALL_MS: u64 = 10_000;
 /// the queue is bounded by content, not only by message count.
 pub const PIPELINE_QUEUE_ACTIONS_MAX: u32 = 100_000;
 
+/// Most frames the connection writes before one flush of the socket.
+pub const FLUSH_FRAMES_MAX: usize = 256;
+
+/// Live deliveries a connection may hold while a catch-up is open, per slot of its outbox
+/// (`[limits] outbox_len`); past that the client is disconnected (without an error) and
+/// catches up on reconnect.
+pub const HELD_PER_OUTBOX_SLOT_MAX: usize = 16;
+
 /// `sync` messages of one client waiting for its pipeline worker.
 pub const PIPELINE_QUEUE_SYNCS_MAX: usize = 16;
 
@@ -203,7 +211,7 @@ where
                         // Drain what is already queued so one flush carries many frames.
                         while let Some(Ok(item)) = conn.outbox.as_mut().map(mpsc::Receiver::try_recv) {
                             conn.outbound(item);
-                            if conn.pending_frames.len() >= 256 { break; }
+                            if conn.pending_frames.len() >= FLUSH_FRAMES_MAX { break; }
                         }
                     }
                     None => conn.close = true,
@@ -617,7 +625,8 @@ impl Connection {
             Outbound::Entries(entries) => {
                 if self.catchups_open > 0 {
                     self.held.extend(entries);
-                    if self.held.len() > self.server.config.limits.outbox_len * 16 {
+                    let held_max = self.server.config.limits.outbox_len * HELD_PER_OUTBOX_SLOT_MAX;
+                    if self.held.len() > held_max {
                         tracing::warn!(
                             "too many live actions held during a catch-up, disconnecting"
                         );

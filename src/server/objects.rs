@@ -154,13 +154,7 @@ impl Worker {
         if after >= upto {
             return Ok(Vec::new());
         }
-        Ok(self
-            .server
-            .log
-            .channel_since(channel, after, upto, usize::MAX)?
-            .iter()
-            .map(|entry| entry.meta.added)
-            .collect())
+        Ok(self.server.log.channel_positions(channel, after, upto)?)
     }
 
     /// Sends `page` (built from a state) followed by the channel's entries with
