@@ -155,28 +155,7 @@ where
     let idle = Duration::from_millis(limits.idle_timeout_ms);
     let mut idle_deadline = Instant::now() + idle;
     let mut gauge = ConnectionGauge::new(&server.metrics, peer.transport, "handshaking");
-    let mut conn = Connection {
-        session: Session::new(server.session_config.clone()),
-        server: server.clone(),
-        peer,
-        handle: None,
-        outbox: None,
-        jobs: None,
-        pipeline_budget: Arc::new(tokio::sync::Semaphore::new(
-            PIPELINE_QUEUE_ACTIONS_MAX as usize,
-        )),
-        worker: None,
-        subprotocol: 0,
-        connect_synced: 0,
-        auth: None,
-        catchups_open: 0,
-        held: Vec::new(),
-        recent: RecentlySent::default(),
-        catchup_max: 0,
-        waiting: VecDeque::new(),
-        pending_frames: Vec::new(),
-        close: false,
-    };
+    let mut conn = Connection::new(server.clone(), peer);
     loop {
         let handle = conn.handle.clone();
         let deadline = if conn.session.is_handshaking() {
@@ -206,14 +185,7 @@ where
             }
             item = next_outbound(&mut conn.outbox) => {
                 match item {
-                    Some(item) => {
-                        conn.outbound(item);
-                        // Drain what is already queued so one flush carries many frames.
-                        while let Some(Ok(item)) = conn.outbox.as_mut().map(mpsc::Receiver::try_recv) {
-                            conn.outbound(item);
-                            if conn.pending_frames.len() >= FLUSH_FRAMES_MAX { break; }
-                        }
-                    }
+                    Some(item) => conn.outbound_burst(item),
                     None => conn.close = true,
                 }
             }
@@ -221,18 +193,7 @@ where
                 if !conn.waiting.is_empty() => {}
             frame = incoming.next(), if conn.waiting.is_empty() => {
                 idle_deadline = Instant::now() + idle;
-                match frame {
-                    Some(Inbound::Text(text)) => {
-                        let now = server.clock.now_ms();
-                        let outputs = conn.session.receive(&text, now);
-                        conn.execute(outputs);
-                    }
-                    Some(Inbound::Invalid(error)) => {
-                        let outputs = conn.session.fail(error);
-                        conn.execute(outputs);
-                    }
-                    None => conn.close = true,
-                }
+                conn.inbound(frame);
             }
             _ = sleep_until(deadline) => {
                 tracing::debug!(addr = %conn.peer.addr, "closing a connection that sent nothing in time");
@@ -255,24 +216,90 @@ where
             break;
         }
     }
-    let shutting_down = server.is_shutting_down();
-    if shutting_down {
-        // Shutdown waits for the hub to empty, so the socket is closed before unregistering.
-        conn.drain(&mut outgoing).await;
-        close_socket(&mut outgoing).await;
+    conn.finish(incoming, outgoing).await;
+}
+
+impl Connection {
+    fn new(server: Arc<Server>, peer: Peer) -> Connection {
+        Connection {
+            session: Session::new(server.session_config.clone()),
+            server,
+            peer,
+            handle: None,
+            outbox: None,
+            jobs: None,
+            pipeline_budget: Arc::new(tokio::sync::Semaphore::new(
+                PIPELINE_QUEUE_ACTIONS_MAX as usize,
+            )),
+            worker: None,
+            subprotocol: 0,
+            connect_synced: 0,
+            auth: None,
+            catchups_open: 0,
+            held: Vec::new(),
+            recent: RecentlySent::default(),
+            catchup_max: 0,
+            waiting: VecDeque::new(),
+            pending_frames: Vec::new(),
+            close: false,
+        }
     }
-    if let Some(handle) = conn.handle.take() {
-        server.hub.unregister(&handle);
+
+    /// One frame from the client, or its end (`None`).
+    fn inbound(&mut self, frame: Option<Inbound>) {
+        let outputs = match frame {
+            Some(Inbound::Text(text)) => {
+                let now = self.server.clock.now_ms();
+                self.session.receive(&text, now)
+            }
+            Some(Inbound::Invalid(error)) => self.session.fail(error),
+            None => {
+                self.close = true;
+                return;
+            }
+        };
+        self.execute(outputs);
     }
-    if !shutting_down {
-        // Closing a socket (the close frame, the close syscall) costs tens of microseconds;
-        // when a network blip drops thousands of clients at once, that work would stand in
-        // line in front of the connected clients' pings. The pipeline runtime, at its lower
-        // priority, does it instead.
-        server.spawn_pipeline(async move {
+
+    /// Takes `item` and what is already queued behind it, so one flush carries many frames.
+    fn outbound_burst(&mut self, item: Outbound) {
+        self.outbound(item);
+        while self.pending_frames.len() < FLUSH_FRAMES_MAX {
+            match self.outbox.as_mut().map(mpsc::Receiver::try_recv) {
+                Some(Ok(item)) => self.outbound(item),
+                _ => break,
+            }
+        }
+    }
+
+    /// After the loop: drains at shutdown, unregisters, and closes the socket.
+    async fn finish<S, K, E>(mut self, incoming: S, mut outgoing: K)
+    where
+        S: Stream<Item = Inbound> + Unpin + Send + 'static,
+        K: Sink<String, Error = E> + Unpin + Send + 'static,
+        E: Display,
+    {
+        let server = Arc::clone(&self.server);
+        let conn = &mut self;
+        let shutting_down = server.is_shutting_down();
+        if shutting_down {
+            // Shutdown waits for the hub to empty, so the socket is closed before unregistering.
+            conn.drain(&mut outgoing).await;
             close_socket(&mut outgoing).await;
-            drop(incoming);
-        });
+        }
+        if let Some(handle) = conn.handle.take() {
+            server.hub.unregister(&handle);
+        }
+        if !shutting_down {
+            // Closing a socket (the close frame, the close syscall) costs tens of microseconds;
+            // when a network blip drops thousands of clients at once, that work would stand in
+            // line in front of the connected clients' pings. The pipeline runtime, at its lower
+            // priority, does it instead.
+            server.spawn_pipeline(async move {
+                close_socket(&mut outgoing).await;
+                drop(incoming);
+            });
+        }
     }
 }
 
