@@ -125,7 +125,7 @@ pub async fn serve_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     server.spawn_retention();
-    crate::backend::start(&server);
+    server.start_hooks();
     let accept = tokio::spawn(crate::transports::http::serve(listener, server.clone()));
     shutdown.await;
     tracing::info!("shutting down: closing connections");

@@ -14,7 +14,7 @@ use super::admission::HeavyPermit;
 use super::hub::{ConnHandle, Outbound};
 use super::Server;
 use crate::action::{Entry, Meta};
-use crate::backend::{self, Decision, HookContext};
+use crate::backend::{Decision, HookContext};
 use crate::config::{Hook, RuleHooks};
 use crate::log::{AppendOutcome, DurableHook, LogError, PendingAppend, TaskOp};
 use crate::peer::Peer;
@@ -383,7 +383,7 @@ impl Worker {
                 .metrics
                 .process_pending
                 .add(i64::try_from(stored).unwrap_or(i64::MAX));
-            backend::process::notify(&server, &queue);
+            super::process::notify(&server, &queue);
         }))
     }
 
@@ -725,7 +725,7 @@ impl Worker {
         received.with_label_values(&["processed"]).inc();
         if rule.has(Hook::Process) {
             let context = self.hook_context();
-            tasks.push(backend::process::task_for(
+            tasks.push(super::process::task_for(
                 &self.server,
                 batch.len(),
                 &entry,
