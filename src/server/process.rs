@@ -115,11 +115,11 @@ pub fn resume(loops: &Arc<ProcessLoops>) -> Result<(), LogError> {
     Ok(())
 }
 
-/// How many durable tasks `queues` hold.
+/// How many durable tasks `queues` hold, counted without reading them.
 fn pending_tasks(log: &Log, queues: &[(String, u64)]) -> Result<usize, LogError> {
     let mut pending = 0;
     for (queue, _) in queues {
-        pending += log.tasks(queue, usize::MAX)?.len();
+        pending += log.task_count(queue)?;
     }
     Ok(pending)
 }
@@ -348,4 +348,67 @@ fn hook_body(entry: &Entry, saved: &Value) -> Value {
     body.insert("action".into(), entry.action.clone());
     body.insert("meta".into(), meta_json(&entry.meta));
     Value::Object(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{CommitListener, LogOptions};
+
+    struct NoListener;
+    impl CommitListener for NoListener {
+        fn committed(&self, _: &[Arc<Entry>]) {}
+    }
+
+    fn entry(id: &str) -> Entry {
+        Entry::new(
+            json!({"type": "order/buy"}),
+            Meta {
+                id: id.to_owned(),
+                time: 1,
+                ..Meta::default()
+            },
+        )
+    }
+
+    /// Appends one action per queue name in `queues`, each with a task in that queue.
+    async fn add_tasks(log: &Log, queues: &[&str]) {
+        let entries = (0..queues.len())
+            .map(|n| entry(&format!("{} 10:{}:x 0", n + 1, queues[n])))
+            .collect();
+        let tasks = queues
+            .iter()
+            .enumerate()
+            .map(|(n, queue)| TaskOp::Add {
+                queue: (*queue).to_owned(),
+                entry: n,
+                value: task_value(1, json!({}), json!({})),
+            })
+            .collect();
+        log.append_with_tasks(entries, tasks, None)
+            .await
+            .expect("append");
+    }
+
+    #[tokio::test]
+    async fn pending_tasks_are_counted_per_queue_without_reading_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path(), LogOptions::default(), Arc::new(NoListener)).expect("log");
+        add_tasks(&log, &["a", "a", "ab", "a"]).await;
+        assert_eq!(log.task_count("a").ok(), Some(3));
+        assert_eq!(log.task_count("ab").ok(), Some(1));
+        assert_eq!(log.task_count("b").ok(), Some(0), "no prefix matches");
+        let queues = log.task_queues().expect("queues");
+        assert_eq!(pending_tasks(&log, &queues).ok(), Some(4));
+        let first = log.tasks("a", 1).expect("tasks")[0].added;
+        let done = vec![TaskOp::Done {
+            queue: "a".to_owned(),
+            added: first,
+        }];
+        log.append_with_tasks(Vec::new(), done, None)
+            .await
+            .expect("done");
+        assert_eq!(log.task_count("a").ok(), Some(2));
+        log.close().await.expect("close");
+    }
 }
