@@ -4,7 +4,8 @@
 //! batch, so a restart resumes after it.
 //!
 //! A first start (no cursor) begins at the head: the hook gets what is added from then on,
-//! not the whole history.
+//! not the whole history. A cursor that exists but is unreadable stops start-up
+//! (`EventsError`) instead of guessing a position, which would replay or skip events.
 //!
 //! The dispatcher gets what it uses (`Uses`), not the `Server`.
 
@@ -12,7 +13,7 @@ use super::Shutdown;
 use crate::action::Entry;
 use crate::backend::{meta_json, Backend, Backoff};
 use crate::config::Hook;
-use crate::log::Log;
+use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
 use crate::rules::Rules;
 use serde_json::{json, Value};
@@ -28,6 +29,30 @@ const SCAN_ENTRIES_MAX: usize = 1_000;
 const IDLE_POLL_MS: u64 = 1_000;
 /// Entries skipped (no event channel) before the cursor is saved anyway.
 const SKIPPED_SAVE_ENTRIES: u64 = 10_000;
+
+/// Why the event hooks cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    /// The cursor setting could not be read.
+    #[error("cannot read the events cursor (settings key {key:?}): {source}")]
+    Read {
+        /// The settings key.
+        key: &'static str,
+        /// Why.
+        source: LogError,
+    },
+    /// The cursor setting exists but is not a log position.
+    #[error(
+        "the events cursor (settings key {key:?}) holds {value:?}, not a log position; \
+         refusing to guess where event delivery resumes"
+    )]
+    Corrupt {
+        /// The settings key.
+        key: &'static str,
+        /// What it holds.
+        value: String,
+    },
+}
 
 /// What the events dispatcher uses.
 pub struct Uses {
@@ -45,9 +70,29 @@ pub struct Uses {
     pub shutdown: Shutdown,
 }
 
-/// Starts the dispatcher.
-pub fn start(uses: Uses) {
-    tokio::spawn(async move { run(uses).await });
+/// Reads the saved cursor and starts the dispatcher. Fails, starting nothing, when the
+/// cursor cannot be read or parsed.
+pub fn start(uses: Uses) -> Result<(), EventsError> {
+    let saved = saved_cursor(&uses.log)?;
+    tokio::spawn(async move { run(uses, saved).await });
+    Ok(())
+}
+
+/// The saved cursor; `None` on a first start.
+fn saved_cursor(log: &Log) -> Result<Option<u64>, EventsError> {
+    let text = log
+        .get_setting(CURSOR_SETTING)
+        .map_err(|source| EventsError::Read {
+            key: CURSOR_SETTING,
+            source,
+        })?;
+    text.map(|text| {
+        text.parse().map_err(|_| EventsError::Corrupt {
+            key: CURSOR_SETTING,
+            value: text,
+        })
+    })
+    .transpose()
 }
 
 fn is_event(rules: &Rules, entry: &Entry) -> bool {
@@ -119,18 +164,14 @@ async fn deliver(uses: &Uses, events: Vec<Value>) -> bool {
     true
 }
 
-async fn run(uses: Uses) {
+async fn run(uses: Uses, saved_cursor: Option<u64>) {
     let log = &uses.log;
-    let mut cursor = match log.get_setting(CURSOR_SETTING) {
-        Ok(Some(text)) => text.parse().unwrap_or(0),
-        Ok(None) => {
+    let mut cursor = match saved_cursor {
+        Some(cursor) => cursor,
+        None => {
             let head = log.head();
             save_cursor(log, head).await;
             head
-        }
-        Err(error) => {
-            tracing::error!(%error, "reading the events cursor failed; event hooks are off");
-            return;
         }
     };
     let mut saved = cursor;
@@ -164,5 +205,32 @@ async fn run(uses: Uses) {
         cursor = last;
         save_cursor(log, cursor).await;
         saved = cursor;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{CommitListener, LogOptions};
+
+    struct NoListener;
+    impl CommitListener for NoListener {
+        fn committed(&self, _: &[Arc<Entry>]) {}
+    }
+
+    #[tokio::test]
+    async fn the_saved_cursor_is_absent_a_position_or_an_error_naming_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path(), LogOptions::default(), Arc::new(NoListener)).expect("log");
+        assert_eq!(saved_cursor(&log).ok(), Some(None), "a first start");
+        log.put_setting(CURSOR_SETTING, "42").expect("setting");
+        assert_eq!(saved_cursor(&log).ok(), Some(Some(42)));
+        for corrupt in ["", "-1", "4 2", "forty-two"] {
+            log.put_setting(CURSOR_SETTING, corrupt).expect("setting");
+            let error = saved_cursor(&log).expect_err(corrupt).to_string();
+            assert!(error.contains(CURSOR_SETTING), "{error}");
+            assert!(error.contains(&format!("{corrupt:?}")), "{error}");
+        }
+        log.close().await.expect("close");
     }
 }

@@ -52,6 +52,9 @@ pub enum ServerError {
     /// The back-end client could not be set up (`[backend] ca_file`).
     #[error("[backend]: {0}")]
     Backend(String),
+    /// The event hooks cannot start (their saved cursor is unreadable).
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
 }
 
 /// The generator of the server's own action ids, shared by the server and its loops.
@@ -344,10 +347,11 @@ impl Server {
 
     /// Starts the loops of the back-end hooks: the events dispatcher (when a channel rule has
     /// the `events` hook) and a `process` loop for every client with stored tasks. Does
-    /// nothing without `[backend]`.
-    pub fn start_hooks(&self) {
+    /// nothing without `[backend]`. Fails when the saved events cursor is unreadable, so that
+    /// a corrupt cursor never silently replays or skips events.
+    pub fn start_hooks(&self) -> Result<(), ServerError> {
         let Some(backend) = &self.backend else {
-            return;
+            return Ok(());
         };
         if self.rules.has_event_hooks() {
             events::start(events::Uses {
@@ -357,13 +361,14 @@ impl Server {
                 metrics: self.metrics.clone(),
                 wake: self.events_wake.clone(),
                 shutdown: self.shutdown_signal(),
-            });
+            })?;
         }
         if let Some(process) = &self.process {
             if let Err(error) = process::resume(process) {
                 tracing::error!(%error, "resuming process tasks failed");
             }
         }
+        Ok(())
     }
 
     /// Applies `retention_actions_max` now: removes the oldest actions beyond it.
