@@ -124,8 +124,9 @@ pub async fn serve_until(
     server: Arc<Server>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // First, so that a refusal to start (a corrupt events cursor) leaves nothing running.
+    server.start_hooks()?;
     server.spawn_retention();
-    crate::backend::start(&server);
     let accept = tokio::spawn(crate::transports::http::serve(listener, server.clone()));
     shutdown.await;
     tracing::info!("shutting down: closing connections");

@@ -784,3 +784,55 @@ async fn a_subscription_undone_by_its_hooks_stays_unsubscribed_and_is_counted_by
     ferry.kill();
     backend.stop();
 }
+
+/// A settings value Ferry can never have written as the events cursor.
+const CORRUPT_CURSOR: &str = "not-a-position";
+
+// Regression: a cursor that existed but did not parse was read as 0, so a restart silently
+// sent the whole history to the `events` hook again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_events_cursor_fails_start_up_and_names_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    {
+        let log = ferry::log::Log::open(
+            &data,
+            ferry::log::LogOptions::default(),
+            Arc::new(support::child::NoListener),
+        )
+        .expect("log");
+        log.put_setting("events_cursor", CORRUPT_CURSOR)
+            .await
+            .expect("setting");
+        log.close().await.expect("close");
+    }
+    // Nothing listens on the back-end's port: start-up must fail before any hook call.
+    let text = format!("{RULES}\n{}", backend_section("http://127.0.0.1:9", ""));
+    let mut config = ferry::config::Config::from_toml_str(&text).expect("config");
+    config.data_dir = data;
+    let server = ferry::server::Server::open(
+        config,
+        Arc::new(ferry::clock::SystemClock),
+        Some("server:test".into()),
+    )
+    .expect("server");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        ferry::run::serve_until(
+            listener,
+            server,
+            tokio::time::sleep(Duration::from_millis(500)),
+        ),
+    )
+    .await
+    .expect("serve_until returns");
+    let error = served.expect_err("a corrupt events cursor must stop start-up");
+    let text = error.to_string();
+    assert!(
+        text.contains("events_cursor") && text.contains(CORRUPT_CURSOR),
+        "the error names the setting and its value: {text}"
+    );
+}

@@ -1,14 +1,18 @@
-//! Back-end hooks: decisions and work handed to the application's HTTP back-end, and the
-//! actions it writes back.
+//! Back-end hooks: the client that hands decisions and work to the application's HTTP
+//! back-end, and the format of the actions it writes back.
 //!
-//! - `Backend::call` POSTs one signed hook request (`sign.rs`) and returns the JSON answer;
-//!   the pipeline uses it for `access`, `resend` and `load`, the connection for `auth`.
-//! - `process.rs`: durable, retried `process` tasks (stored with their action by the log).
-//! - `events.rs`: at-least-once delivery of channel actions with a durable cursor.
+//! - `Backend::call` POSTs one signed hook request (`sign.rs`) over the pooled client of
+//!   `http_client.rs` and returns the JSON answer; the pipeline uses it for `access`,
+//!   `resend` and `load`, the connection for `auth`, the server's loops for `process` and
+//!   `events` (`server/process.rs`, `server/events.rs`).
 //! - `ServerAction`: the action format of hook answers and of the server API.
+//! - `Backoff`: the retry delays of a failing hook.
+//!
+//! Architecture invariant: this module is a hook client and imports neither the server nor
+//! the transports (a tidy test below checks it); loops over the log that call hooks live in
+//! `server/`.
 
-pub mod events;
-pub mod process;
+pub mod http_client;
 pub mod sign;
 
 use crate::action::{Entry, Meta, NodeIds};
@@ -16,24 +20,11 @@ use crate::clock::Clock;
 use crate::config::{BackendConfig, Hook, RuleHooks};
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::transports::http_client::HttpClient;
-use crate::transports::tls::TlsError;
+use http_client::{ClientTlsError, HttpClient};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-
-/// Starts the background work of the back-end hooks: resumes stored `process` tasks and
-/// starts the events dispatcher. Does nothing without `[backend]`.
-pub fn start(server: &Arc<crate::server::Server>) {
-    if server.backend.is_none() {
-        return;
-    }
-    if let Err(error) = process::resume(server) {
-        tracing::error!(%error, "resuming process tasks failed");
-    }
-    events::start(server);
-}
 
 /// The node of actions added by the back-end (server API and hook answers). Its user id,
 /// `server`, can never authenticate, so no client can forge these ids.
@@ -255,9 +246,13 @@ pub fn meta_json(meta: &Meta) -> Value {
 pub struct Backend {
     /// `[backend]`.
     pub config: BackendConfig,
+    /// The pooled HTTP client every hook request goes through.
     client: HttpClient,
+    /// `concurrency_max` requests in flight at most, so a slow back-end is not flooded.
     permits: Semaphore,
+    /// Hook request counts and latencies.
     metrics: Arc<Metrics>,
+    /// The time of the request signatures.
     clock: Arc<dyn Clock>,
 }
 
@@ -275,8 +270,8 @@ impl Backend {
         config: BackendConfig,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
-    ) -> Result<Backend, TlsError> {
-        let tls = crate::transports::tls::client_config(config.ca_file.as_deref())?;
+    ) -> Result<Backend, ClientTlsError> {
+        let tls = http_client::client_config(config.ca_file.as_deref())?;
         Ok(Backend {
             permits: Semaphore::new(config.concurrency_max),
             config,
@@ -409,7 +404,9 @@ impl Backend {
 /// Jittered exponential backoff between retries of a hook (`process`, `events`): half the
 /// delay plus a random part of the other half, doubled after each failure up to the maximum.
 pub struct Backoff {
+    /// The full delay of the next pause, before jitter.
     delay_ms: u64,
+    /// The ceiling the doubling stops at.
     max_ms: u64,
 }
 
@@ -422,20 +419,12 @@ impl Backoff {
         }
     }
 
-    /// Waits before the next attempt; false when shutdown started meanwhile.
-    pub async fn wait(&mut self, server: &crate::server::Server) -> bool {
+    /// The pause before the next attempt; each call doubles the delay for the one after.
+    pub fn next_delay(&mut self) -> Duration {
         let delay = self.delay_ms;
         let jitter = rand::random::<u64>() % (delay / 2 + 1);
         self.delay_ms = delay.saturating_mul(2).min(self.max_ms);
-        sleep_or_shutdown(server, Duration::from_millis(delay / 2 + jitter + 1)).await
-    }
-}
-
-/// Sleeps for `delay`; false when shutdown started first.
-pub async fn sleep_or_shutdown(server: &crate::server::Server, delay: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => !server.is_shutting_down(),
-        _ = server.shut_down() => false,
+        Duration::from_millis(delay / 2 + jitter + 1)
     }
 }
 
@@ -570,5 +559,39 @@ mod tests {
             Some(Decision::NotFound)
         );
         assert!(parse_decision(&json!({"allowed": true})).is_err());
+    }
+
+    /// Tidy: the hook client must not reach up into the server or out to the transports.
+    #[test]
+    fn the_hook_client_imports_neither_the_server_nor_the_transports() {
+        let forbidden = [
+            concat!("crate::", "server"),
+            concat!("crate::", "transports"),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend");
+        let files = std::fs::read_dir(&dir).expect("src/backend");
+        for file in files {
+            let path = file.expect("directory entry").path();
+            let text = std::fs::read_to_string(&path).expect("source file");
+            for word in forbidden {
+                assert!(!text.contains(word), "{} uses {word}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_maximum_with_jitter_in_the_upper_half() {
+        let mut backoff = Backoff {
+            delay_ms: 100,
+            max_ms: 300,
+        };
+        for full_ms in [100_u64, 200, 300, 300] {
+            let pause = backoff.next_delay().as_millis();
+            let full_ms = u128::from(full_ms);
+            assert!(
+                pause > full_ms / 2 && pause <= full_ms + 1,
+                "{pause} of {full_ms}"
+            );
+        }
     }
 }

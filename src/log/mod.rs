@@ -688,6 +688,18 @@ impl Log {
         Ok(tasks)
     }
 
+    /// How many durable tasks `queue` holds (the ones `tasks` would return with no limit),
+    /// counted over the keys alone: no task value is copied and no key decoded.
+    pub fn task_count(&self, queue: &str) -> Result<usize, LogError> {
+        let range = keys::task_queue_prefix(queue)..=keys::task_key(queue, self.head());
+        let mut count = 0;
+        for item in self.inner.shared.db.range(range) {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Every queue that holds tasks, with its oldest task's position.
     pub fn task_queues(&self) -> Result<Vec<(String, u64)>, LogError> {
         let db = &self.inner.shared.db;

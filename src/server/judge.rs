@@ -5,7 +5,7 @@
 use super::answer::{self, UndoReason, PROCESSED_METRIC};
 use super::pipeline::{InFlight, PipelineError, Worker};
 use crate::action::{Entry, Meta};
-use crate::backend::{self, Decision};
+use crate::backend::Decision;
 use crate::config::{Hook, RuleHooks};
 use crate::log::TaskOp;
 use crate::protocol::IncomingEntry;
@@ -249,10 +249,10 @@ impl Worker {
             }
         }
         if rule.has(Hook::Process) {
-            // Answered once the back-end processed it (see `backend::process`).
+            // Answered once the back-end processed it (see `process`).
             self.count(PROCESSED_METRIC);
             let context = self.hook_context();
-            let task = backend::process::task_for(
+            let task = super::process::task_for(
                 &self.server,
                 judged.entries.len(),
                 &entry,

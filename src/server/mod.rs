@@ -5,13 +5,14 @@ pub mod admission;
 pub mod answer;
 mod catchup;
 pub mod connection;
+pub mod events;
 pub mod hub;
 mod judge;
 pub mod objects;
 pub mod pipeline;
+pub mod process;
 
 use crate::action::Entry;
-use crate::backend::process::ProcessQueues;
 use crate::backend::Backend;
 use crate::clock::Clock;
 use crate::config::{Config, Env};
@@ -21,9 +22,11 @@ use crate::protocol::SessionConfig;
 use crate::rules::auth::{Authenticator, BruteForceGuard};
 use crate::rules::Rules;
 use hub::Hub;
+use process::ProcessLoops;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use tokio::sync::Notify;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
 
 /// Key of the persisted server node id in the log's settings.
 const NODE_ID_SETTING: &str = "server_node_id";
@@ -52,6 +55,71 @@ pub enum ServerError {
     /// The back-end client could not be set up (`[backend] ca_file`).
     #[error("[backend]: {0}")]
     Backend(String),
+    /// The event hooks cannot start (their saved cursor is unreadable).
+    #[error(transparent)]
+    Events(#[from] events::EventsError),
+}
+
+/// The generator of the server's own action ids, shared by the server and its loops.
+pub struct ActionIds {
+    /// The server's node id, the middle part of every id.
+    node_id: String,
+    /// The time part.
+    clock: Arc<dyn Clock>,
+    /// Last ms and sequence handed out.
+    state: Mutex<(i64, u64)>,
+}
+
+impl ActionIds {
+    /// A generator for `node_id` whose ids come after `(ms, seq)` (the newest one on disk).
+    pub fn new(node_id: String, clock: Arc<dyn Clock>, seed: (i64, u64)) -> ActionIds {
+        ActionIds {
+            node_id,
+            clock,
+            state: Mutex::new(seed),
+        }
+    }
+
+    /// A new id, `"<ms> server:<id> <seq>"`, growing like Logux's `generateId`, and its time.
+    pub fn next(&self) -> (String, i64) {
+        let now = self.clock.now_ms();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if now <= state.0 {
+            state.1 += 1;
+        } else {
+            *state = (now, 0);
+        }
+        (format!("{} {} {}", state.0, self.node_id, state.1), now)
+    }
+}
+
+/// The receiving end of the server's shutdown watch, for loops that get no `Server`.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// Flips to `true` once when shutdown starts.
+    receiver: watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    /// True once shutdown started, or once the server is gone.
+    pub fn is_started(&self) -> bool {
+        *self.receiver.borrow() || self.receiver.has_changed().is_err()
+    }
+
+    /// Resolves once shutdown started (at once if it already has, or if the server is gone).
+    pub async fn started(&self) {
+        let mut receiver = self.receiver.clone();
+        // An error means the sender, and so the server, is gone: that is a shutdown too.
+        let _ = receiver.wait_for(|started| *started).await;
+    }
+
+    /// Sleeps for `delay`; false when shutdown started first.
+    pub async fn sleep(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => !self.is_started(),
+            _ = self.started() => false,
+        }
+    }
 }
 
 /// Everything the connections share.
@@ -78,19 +146,19 @@ pub struct Server {
     pub session_config: Arc<SessionConfig>,
     /// The back-end hook client, when `[backend]` is configured.
     pub backend: Option<Arc<Backend>>,
-    /// Clients whose `process` tasks are being worked on.
-    pub process_queues: ProcessQueues,
+    /// The `process` loops (one per client with tasks), when `[backend]` is configured.
+    pub process: Option<Arc<ProcessLoops>>,
     /// Woken after every group commit (the events dispatcher waits on it).
     pub events_wake: Arc<Notify>,
     /// The runtime of the pipeline workers and the log writer, when it is separate from the
     /// connections' (`limits.pipeline_threads`).
     pub pipeline: Option<tokio::runtime::Handle>,
-    /// State of the server's own action id generator: last ms and sequence.
-    id_state: Mutex<(i64, u64)>,
+    /// The server's own action id generator.
+    ids: Arc<ActionIds>,
     /// Set when shutdown starts.
     shutting_down: AtomicBool,
     /// Set to true when shutdown starts; connections and loops watch it.
-    shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Server {
@@ -226,6 +294,21 @@ impl Server {
             )),
             None => None,
         };
+        let ids = Arc::new(ActionIds::new(node_id.clone(), clock.clone(), id_seed));
+        let shutdown = watch::channel(false).0;
+        let process = backend.as_ref().map(|backend| {
+            Arc::new(ProcessLoops::new(process::Uses {
+                log: log.clone(),
+                backend: backend.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                ids: ids.clone(),
+                subprotocol: config.subprotocol,
+                shutdown: Shutdown {
+                    receiver: shutdown.subscribe(),
+                },
+            }))
+        });
         let session_config = Arc::new(SessionConfig {
             server_node_id: node_id,
             development: config.env == Env::Development,
@@ -245,12 +328,12 @@ impl Server {
             clock,
             session_config,
             backend,
-            process_queues: ProcessQueues::default(),
+            process,
             events_wake,
             pipeline,
-            id_state: Mutex::new(id_seed),
+            ids,
             shutting_down: AtomicBool::new(false),
-            shutdown: tokio::sync::watch::channel(false).0,
+            shutdown,
         }))
     }
 
@@ -262,17 +345,33 @@ impl Server {
     /// A new id for an action the server creates, `"<ms> server:<id> <seq>"`, growing like
     /// Logux's `generateId`.
     pub fn next_action_id(&self) -> (String, i64) {
-        let now = self.clock.now_ms();
-        let mut state = match self.id_state.lock() {
-            Ok(state) => state,
-            Err(poisoned) => poisoned.into_inner(),
+        self.ids.next()
+    }
+
+    /// Starts the loops of the back-end hooks: the events dispatcher (when a channel rule has
+    /// the `events` hook) and a `process` loop for every client with stored tasks. Does
+    /// nothing without `[backend]`. Fails when the saved events cursor is unreadable, so that
+    /// a corrupt cursor never silently replays or skips events.
+    pub fn start_hooks(&self) -> Result<(), ServerError> {
+        let Some(backend) = &self.backend else {
+            return Ok(());
         };
-        if now <= state.0 {
-            state.1 += 1;
-        } else {
-            *state = (now, 0);
+        if self.rules.has_event_hooks() {
+            events::start(events::Uses {
+                log: self.log.clone(),
+                rules: self.rules.clone(),
+                backend: backend.clone(),
+                metrics: self.metrics.clone(),
+                wake: self.events_wake.clone(),
+                shutdown: self.shutdown_signal(),
+            })?;
         }
-        (format!("{} {} {}", state.0, self.node_id(), state.1), now)
+        if let Some(process) = &self.process {
+            if let Err(error) = process::resume(process) {
+                tracing::error!(%error, "resuming process tasks failed");
+            }
+        }
+        Ok(())
     }
 
     /// Applies `retention_actions_max` now: removes the oldest actions beyond it.
@@ -348,6 +447,13 @@ impl Server {
         match &self.pipeline {
             Some(runtime) => runtime.spawn(future),
             None => tokio::spawn(future),
+        }
+    }
+
+    /// A shutdown receiver for a loop that does not hold the server.
+    pub fn shutdown_signal(&self) -> Shutdown {
+        Shutdown {
+            receiver: self.shutdown.subscribe(),
         }
     }
 

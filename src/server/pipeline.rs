@@ -15,7 +15,7 @@ use super::hub::{ConnHandle, Outbound};
 use super::judge::Judged;
 use super::Server;
 use crate::action::Entry;
-use crate::backend::{self, HookContext};
+use crate::backend::HookContext;
 use crate::log::{AppendOutcome, DurableHook, LogError, PendingAppend, TaskOp};
 use crate::peer::Peer;
 use crate::protocol::IncomingSync;
@@ -370,7 +370,7 @@ impl Worker {
                 .metrics
                 .process_pending
                 .add(i64::try_from(stored).unwrap_or(i64::MAX));
-            backend::process::notify(&server, &queue);
+            super::process::notify(&server, &queue);
         }))
     }
 }

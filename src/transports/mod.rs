@@ -1,8 +1,8 @@
 //! Transports: they move frames between sockets (or HTTP requests) and `server::connection`,
 //! nothing more.
 //!
-//! Architecture invariant: `hyper` and `tungstenite` appear only here (the server API and the
-//! back-end HTTP client included).
+//! Architecture invariant: `hyper` and `tungstenite` appear only here (the server API
+//! included) and in the back-end hook client, `backend/http_client.rs`.
 //!
 //! Architecture invariant: error answers of every HTTP surface (the listener's endpoints and
 //! WebSocket upgrades, long-poll, the server API) are `common::HttpError`s, turned into
@@ -12,7 +12,6 @@
 pub mod api;
 pub mod common;
 pub mod http;
-pub mod http_client;
 pub mod long_poll;
 pub mod tls;
 pub mod ws;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 /// Why TLS could not be set up.
@@ -69,26 +69,4 @@ pub fn acceptor(cert_path: &Path, key_path: &Path) -> Result<TlsAcceptor, TlsErr
         .with_single_cert(certificates, key)
         .map_err(|error| TlsError::Invalid(error.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// The TLS settings Ferry uses as a client (the back-end hooks): the roots in the PEM file
-/// `ca_file` only, or the Mozilla roots compiled in (webpki-roots) without one.
-pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for certificate in read_certificates(path)? {
-                roots
-                    .add(certificate)
-                    .map_err(|error| TlsError::Invalid(error.to_string()))?;
-            }
-        }
-        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-    }
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|error| TlsError::Invalid(error.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }

@@ -1,5 +1,9 @@
 //! The HTTP/1.1 client Ferry uses to call the back-end (hooks): `http://` and `https://`
-//! (rustls), pooled connections, a deadline per request and a cap on the answer's size.
+//! (rustls, with the roots of `[backend] ca_file` or the compiled-in Mozilla roots), pooled
+//! connections, a deadline per request and a cap on the answer's size.
+//!
+//! It lives with the hook client rather than in `transports/` because it is the only code
+//! that talks HTTP as a client; transports serve clients and never call out.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -9,8 +13,11 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 /// Idle pooled connections kept per back-end host.
 const POOL_IDLE_PER_HOST_MAX: usize = 32;
@@ -112,4 +119,61 @@ impl HttpClient {
             .await
             .map_err(|_| ClientError::Timeout)?
     }
+}
+
+/// Why the client's TLS settings could not be built from `[backend] ca_file`.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    /// The PEM file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds no certificate.
+    #[error("{0} holds no PEM certificate")]
+    NoCertificate(String),
+    /// rustls refused a certificate or the settings.
+    #[error("invalid certificate: {0}")]
+    Invalid(String),
+}
+
+/// The PEM certificates in `path`; at least one.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientTlsError> {
+    let read_error = |source| ClientTlsError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let pem = std::fs::read(path).map_err(read_error)?;
+    let certificates: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(read_error)?;
+    if certificates.is_empty() {
+        return Err(ClientTlsError::NoCertificate(path.display().to_string()));
+    }
+    Ok(certificates)
+}
+
+/// The TLS settings of the hook client: the roots in the PEM file `ca_file` only, or the
+/// Mozilla roots compiled in (webpki-roots) without one.
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, ClientTlsError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for certificate in read_certificates(path)? {
+                roots
+                    .add(certificate)
+                    .map_err(|error| ClientTlsError::Invalid(error.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ClientTlsError::Invalid(error.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
