@@ -33,6 +33,19 @@ impl UndoReason {
         }
     }
 
+    /// The reason for a wire text, e.g. a back-end's `process` answer: a text of the known
+    /// reasons is that reason, any other is `Backend`.
+    pub fn from_wire(text: String) -> UndoReason {
+        match text.as_str() {
+            "denied" => UndoReason::Denied,
+            "notFound" => UndoReason::NotFound,
+            "wrongChannel" => UndoReason::WrongChannel,
+            "unknownType" => UndoReason::UnknownType,
+            "error" => UndoReason::Error,
+            _ => UndoReason::Backend(text),
+        }
+    }
+
     /// The `outcome` label of `ferry_actions_received_total`.
     pub fn metric(&self) -> &'static str {
         match self {
@@ -94,6 +107,7 @@ mod tests {
         ];
         for (reason, wire, metric) in reasons {
             assert_eq!((reason.wire(), reason.metric()), (wire, metric));
+            assert_eq!(UndoReason::from_wire(wire.to_owned()), reason);
         }
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! The loops get what they use (`Uses`), not the `Server`.
 
+use super::answer::{self, UndoReason};
 use super::{ActionIds, Server, Shutdown};
 use crate::action::{Entry, Meta, NodeIds};
 use crate::backend::{meta_json, Backend, Backoff, HookContext, ProcessAnswer, ServerAction};
@@ -17,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::{Hook, RuleHooks};
 use crate::log::{Log, LogError, Task, TaskOp};
 use crate::metrics::Metrics;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -271,21 +272,16 @@ impl ProcessLoops {
         let now = self.uses.clock.now_ms();
         let subprotocol = self.uses.subprotocol;
         let author = original.author_client_id().to_owned();
-        let (actions, reply) = match answer {
-            ProcessAnswer::Processed(actions) => (
-                actions,
-                json!({"id": original.meta.id, "type": "logux/processed"}),
-            ),
+        let (actions, undone) = match answer {
+            ProcessAnswer::Processed(actions) => (actions, None),
             ProcessAnswer::Failed(reason, actions) => {
-                let mut undo = Map::new();
-                undo.insert("action".into(), original.action.clone());
-                undo.insert("id".into(), json!(original.meta.id));
-                undo.insert("reason".into(), json!(reason));
-                undo.insert("type".into(), json!("logux/undo"));
-                (actions, Value::Object(undo))
+                (actions, Some(UndoReason::from_wire(reason)))
             }
         };
-        let undo = reply.get("type").and_then(Value::as_str) == Some("logux/undo");
+        let reply = match &undone {
+            None => answer::processed(&original.meta.id),
+            Some(reason) => answer::undo(&original.action, &original.meta.id, reason),
+        };
         let mut entries: Vec<Entry> = actions
             .into_iter()
             .map(|action: ServerAction| action.into_entry(now, subprotocol))
@@ -298,7 +294,7 @@ impl ProcessLoops {
             clients: vec![author.clone()],
             ..Meta::default()
         };
-        if undo {
+        if undone.is_some() {
             meta.channels = original.meta.channels.clone();
             meta.users = original.meta.users.clone();
             meta.nodes = original.meta.nodes.clone();
