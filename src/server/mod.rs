@@ -49,9 +49,6 @@ pub enum ServerError {
         /// Why.
         source: LogError,
     },
-    /// The rules in the configuration are invalid.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
     /// The back-end client could not be set up (`[backend] ca_file`).
     #[error("[backend]: {0}")]
     Backend(String),
