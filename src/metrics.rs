@@ -32,6 +32,10 @@ pub struct Metrics {
     pub log_appended: IntCounter,
     /// Group commits (one batch and one flush each).
     pub log_group_commits: IntCounter,
+    /// sled records written (inserted or removed) by durable group commits.
+    pub log_records_written: IntCounter,
+    /// Bytes of those records (keys and values).
+    pub log_bytes_written: IntCounter,
     /// Batch-and-flush time of a group commit.
     pub log_flush_latency: Histogram,
     /// Failed log writes; after one the log refuses writes until restart.
@@ -175,6 +179,14 @@ impl Metrics {
                 "ferry_log_group_commits_total",
                 "Group commits: one batch and one flush each.",
             ),
+            log_records_written: counter(
+                "ferry_log_records_written_total",
+                "sled records written (inserted or removed) by durable group commits.",
+            ),
+            log_bytes_written: counter(
+                "ferry_log_written_bytes_total",
+                "Bytes of the sled records written by durable group commits (keys and values).",
+            ),
             log_flush_latency: histogram(
                 "ferry_log_flush_seconds",
                 "Batch and flush time of one group commit.",
@@ -250,6 +262,8 @@ impl Metrics {
             Box::new(metrics.sync_latency.clone()),
             Box::new(metrics.log_appended.clone()),
             Box::new(metrics.log_group_commits.clone()),
+            Box::new(metrics.log_records_written.clone()),
+            Box::new(metrics.log_bytes_written.clone()),
             Box::new(metrics.log_flush_latency.clone()),
             Box::new(metrics.log_write_failures.clone()),
             Box::new(metrics.log_head.clone()),

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+pub use writer::Written;
 use writer::{RecordOps, Request, Writer};
 
 /// Most entries removed by one retention batch, so that retention never builds a huge batch.
@@ -83,6 +84,9 @@ pub trait CommitListener: Send + Sync + 'static {
 
     /// One group commit wrote `entries` and its batch and flush took `elapsed` (metrics).
     fn flushed(&self, _entries: usize, _elapsed: std::time::Duration) {}
+
+    /// One durable group commit wrote these sled records (metrics: records per action).
+    fn records_written(&self, _written: Written) {}
 
     /// A write or flush failed and the log is now poisoned (metrics and alerts).
     fn write_failed(&self, _reason: &str) {}

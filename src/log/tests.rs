@@ -10,9 +10,17 @@ struct Recorder {
     events: Arc<Mutex<Vec<String>>>,
     /// The entries of every `committed` call.
     groups: Mutex<Vec<Vec<Arc<Entry>>>>,
+    /// What the durable group commits wrote, added up.
+    written: Mutex<Written>,
 }
 
 impl CommitListener for Recorder {
+    fn records_written(&self, written: Written) {
+        let mut total = self.written.lock().expect("written lock");
+        total.records += written.records;
+        total.bytes += written.bytes;
+    }
+
     fn committed(&self, entries: &[Arc<Entry>]) {
         let added: Vec<String> = entries.iter().map(|e| e.meta.added.to_string()).collect();
         self.events
@@ -925,4 +933,21 @@ async fn channel_positions_lists_the_indexed_positions_in_the_range() {
         log.channel_positions("room", u64::MAX, 9).expect("read"),
         Vec::<u64>::new()
     );
+}
+
+#[tokio::test]
+async fn every_durable_record_is_counted_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    // The entry, its id, its channel index record, and `last_added`.
+    append_all(&log, vec![in_channels("1 a 0", &["room"])]).await;
+    let first = *recorder.written.lock().expect("written lock");
+    assert_eq!(first.records, 4);
+    assert!(first.bytes > 0);
+    // A duplicate writes nothing.
+    append_all(&log, vec![in_channels("1 a 0", &["room"])]).await;
+    assert_eq!(*recorder.written.lock().expect("written lock"), first);
+    // A setting is one record, and `last_added` is not rewritten for it.
+    log.put_setting("cursor", "1").await.expect("setting");
+    assert_eq!(recorder.written.lock().expect("written lock").records, 5);
 }

@@ -42,7 +42,7 @@ pub(super) struct RecordOps {
 
 impl RecordOps {
     /// Adds the changes to `batch`; how many it made.
-    fn stage(self, batch: &mut sled::Batch) -> usize {
+    fn stage(self, batch: &mut CountedBatch) -> usize {
         let count = self.insert.len() + self.remove.len();
         for (key, value) in self.insert {
             batch.insert(key, value);
@@ -51,6 +51,42 @@ impl RecordOps {
             batch.remove(key);
         }
         count
+    }
+}
+
+/// A sled batch that counts what it writes, for `ferry_log_records_written_total`.
+#[derive(Default)]
+struct CountedBatch {
+    batch: sled::Batch,
+    written: Written,
+}
+
+/// What one group commit wrote to sled.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Records inserted or removed.
+    pub records: u64,
+    /// Bytes of the inserted keys and values and of the removed keys.
+    pub bytes: u64,
+}
+
+impl CountedBatch {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.written.records += 1;
+        self.written.bytes += (key.len() + value.len()) as u64;
+        self.batch.insert(key, value);
+    }
+
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        let key = key.as_ref();
+        self.written.records += 1;
+        self.written.bytes += key.len() as u64;
+        self.batch.remove(key);
+    }
+
+    fn finish(self) -> (sled::Batch, Written) {
+        (self.batch, self.written)
     }
 }
 
@@ -73,8 +109,8 @@ struct Applied {
     stored: Vec<Arc<Entry>>,
     /// Estimated memory of each stored entry, for the window of recent entries.
     stored_bytes: Vec<usize>,
-    /// True when the batch wrote anything (entries or tasks) and must be flushed.
-    wrote: bool,
+    /// What the batch wrote; a group that wrote nothing needs no flush.
+    written: Written,
     last_added: u64,
     started: std::time::Instant,
 }
@@ -125,7 +161,7 @@ impl Flusher {
             self.wait_for_gate().await;
             let failure = if let Some(reason) = self.shared.poison_reason() {
                 Some(reason)
-            } else if groups.iter().any(|group| group.wrote) {
+            } else if groups.iter().any(|group| group.written.records > 0) {
                 // One flush makes every group applied so far durable.
                 match super::flush(&self.shared.db).await {
                     Ok(()) => None,
@@ -177,8 +213,11 @@ impl Flusher {
             stored_bytes,
             last_added,
             started,
-            ..
+            written,
         } = group;
+        if written.records > 0 {
+            self.listener.records_written(written);
+        }
         if !stored.is_empty() {
             self.listener.flushed(stored.len(), started.elapsed());
             // Before the head moves: retention never removes above the head, so it cannot
@@ -207,7 +246,7 @@ impl Flusher {
 
 /// Adds one successful request's task changes to `batch`; returns how many it wrote. A task
 /// is only created for an entry stored by this request, never for a duplicate.
-fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut sled::Batch) -> usize {
+fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut CountedBatch) -> usize {
     let mut written = 0;
     for task in tasks {
         match task {
@@ -302,7 +341,7 @@ impl Writer {
             return;
         }
 
-        let mut batch = sled::Batch::default();
+        let mut batch = CountedBatch::default();
         let mut group_ids = HashMap::new();
         let mut group_states = HashMap::new();
         let mut stored = Vec::new();
@@ -330,9 +369,16 @@ impl Writer {
 
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
-        let wrote = !stored.is_empty() || task_ops > 0;
-        if wrote {
-            batch.insert(last_added_key(), &last_added.to_be_bytes());
+        let mut written = Written::default();
+        if !stored.is_empty() || task_ops > 0 {
+            if !stored.is_empty() {
+                batch.insert(last_added_key(), last_added.to_be_bytes());
+            }
+            let batch = {
+                let (batch, counted) = batch.finish();
+                written = counted;
+                batch
+            };
             if let Err(error) = self.shared.db.apply_batch(batch) {
                 let reason = error.to_string();
                 tracing::error!(error = %reason, "log write failed; the log refuses further writes");
@@ -348,7 +394,7 @@ impl Writer {
             staged,
             stored,
             stored_bytes,
-            wrote,
+            written,
             last_added,
             started,
         };
@@ -370,7 +416,7 @@ impl Writer {
         entries: Vec<Entry>,
         group_ids: &mut HashMap<String, u64>,
         group_states: &mut HashMap<String, Vec<u8>>,
-        batch: &mut sled::Batch,
+        batch: &mut CountedBatch,
         (stored, stored_bytes): (&mut Vec<Arc<Entry>>, &mut Vec<usize>),
     ) -> Result<Vec<AppendOutcome>, LogError> {
         let first_added = self.next_added;

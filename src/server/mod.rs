@@ -192,6 +192,11 @@ impl CommitListener for Committed {
             .observe(elapsed.as_secs_f64());
     }
 
+    fn records_written(&self, written: crate::log::Written) {
+        self.metrics.log_records_written.inc_by(written.records);
+        self.metrics.log_bytes_written.inc_by(written.bytes);
+    }
+
     fn write_failed(&self, _reason: &str) {
         self.metrics.log_write_failures.inc();
         self.metrics.log_poisoned.set(1);
