@@ -291,3 +291,89 @@ async fn a_sync_with_4000_subscriptions_then_more_syncs_and_a_ping_is_answered_i
         .collect();
     assert_eq!(synced, expected, "every sync answered, in order");
 }
+
+#[tokio::test]
+async fn deliveries_queued_for_one_client_go_out_in_one_sync_frame() {
+    use ferry::peer::Peer;
+    use ferry::server::connection::{self, Inbound};
+    use std::sync::Arc;
+    use tokio::sync::{mpsc, Semaphore};
+
+    let server = TestServer::start(TEST_CONFIG);
+    // A reader whose socket takes a frame only when the test lets it.
+    let gate = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS / 2));
+    let (in_tx, in_rx) = mpsc::channel::<Inbound>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<String>(1024);
+    let incoming = Box::pin(futures_util::stream::unfold(in_rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    let outgoing = Box::pin(futures_util::sink::unfold(
+        (out_tx, Arc::clone(&gate)),
+        |(tx, gate), frame: String| async move {
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
+            tx.send(frame).await.map_err(|_| "closed")?;
+            Ok::<_, &'static str>((tx, gate))
+        },
+    ));
+    let peer = Peer::new(std::net::Ipv4Addr::LOCALHOST.into(), "test");
+    let reader = tokio::spawn(connection::run(
+        server.server.clone(),
+        incoming,
+        outgoing,
+        peer,
+    ));
+    let send = |frame: &str| Inbound::Text(frame.to_owned());
+    in_tx
+        .send(send(
+            r#"["connect",5,"20:bbb:tab",0,{"token":"good-20","subprotocol":1}]"#,
+        ))
+        .await
+        .expect("open");
+    in_tx
+        .send(send(
+            r#"["sync",1,{"type":"logux/subscribe","channel":"room/1"},{"id":1,"time":1}]"#,
+        ))
+        .await
+        .expect("open");
+    while !next_frame(&mut out_rx).await.starts_with(r#"["synced",1]"#) {}
+    next_frame(&mut out_rx).await; // the subscription's logux/processed
+    gate.forget_permits(Semaphore::MAX_PERMITS);
+
+    let mut writer = server.connect();
+    writer.send(CONNECT_10).await;
+    handshake(&mut writer).await;
+    const MESSAGES: u64 = 5;
+    for n in 1..=MESSAGES {
+        send_message(&writer, n).await;
+        synced_and_processed(&mut writer, 1).await;
+    }
+    // Every message reached the reader's outbox while its socket took nothing: at most the
+    // first went out alone, the rest in one frame.
+    gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    let mut frames = 0;
+    let mut numbers = Vec::new();
+    while numbers.len() < MESSAGES as usize {
+        let frame: Value = serde_json::from_str(&next_frame(&mut out_rx).await).expect("json");
+        assert_eq!(frame[0], "sync", "{frame}");
+        frames += 1;
+        let pairs = frame.as_array().expect("array")[2..].to_vec();
+        numbers.extend(pairs.iter().step_by(2).map(|action| action["n"].clone()));
+    }
+    assert_eq!(numbers, (1..=MESSAGES).map(Value::from).collect::<Vec<_>>());
+    assert!(
+        frames <= 2,
+        "{frames} frames for {MESSAGES} queued deliveries"
+    );
+    drop(in_tx);
+    let _ = tokio::time::timeout(support::FRAME_WAIT, reader).await;
+}
+
+/// The next frame a connection wrote to `rx`.
+async fn next_frame(rx: &mut tokio::sync::mpsc::Receiver<String>) -> String {
+    tokio::time::timeout(support::FRAME_WAIT, rx.recv())
+        .await
+        .expect("a frame in time")
+        .expect("open")
+}

@@ -39,6 +39,14 @@ pub const WRITE_STALL_MS: u64 = 10_000;
 /// the queue is bounded by content, not only by message count.
 pub const PIPELINE_QUEUE_ACTIONS_MAX: u32 = 100_000;
 
+/// Largest `sync` frame of deliveries, estimated from the actions' JSON and
+/// `DELIVERY_META_BYTES` per meta: actions queued back to back for one client go out in one
+/// frame up to this size (protocol 5 allows any number of action/meta pairs per `sync`).
+pub const DELIVERY_FRAME_BYTES_MAX: usize = 256 * 1024;
+
+/// The estimated size of one delivered action's meta in a `sync` frame.
+const DELIVERY_META_BYTES: usize = 96;
+
 /// Most frames the connection writes before one flush of the socket.
 pub const FLUSH_FRAMES_MAX: usize = 256;
 
@@ -138,6 +146,10 @@ struct Connection {
     /// than its actions are stored. The connection never awaits the worker's queue, so it
     /// keeps writing the answers the worker produces and its timers keep running.
     waiting: VecDeque<(Instant, IncomingSync)>,
+    /// Entries to send in the next `sync` frame: deliveries queued back to back go out in
+    /// one frame, up to `DELIVERY_FRAME_BYTES_MAX` (estimated).
+    coalesced: Vec<Arc<Entry>>,
+    coalesced_bytes: usize,
     /// Frames to write before the next flush.
     pending_frames: Vec<String>,
     close: bool,
@@ -204,6 +216,7 @@ where
             }
         }
         conn.dispatch_waiting();
+        conn.flush_coalesced();
         if !conn.pending_frames.is_empty() {
             // Traffic in either direction keeps a connection alive, as the Logux ping timer
             // does: a client busy receiving a long catch-up sends no ping.
@@ -240,6 +253,8 @@ impl Connection {
             recent: RecentlySent::default(),
             catchup_max: 0,
             waiting: VecDeque::new(),
+            coalesced: Vec::new(),
+            coalesced_bytes: 0,
             pending_frames: Vec::new(),
             close: false,
         }
@@ -411,7 +426,7 @@ impl Connection {
     fn execute(&mut self, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Frame(frame) => self.pending_frames.push(frame),
+                Output::Frame(frame) => self.push_frame(frame),
                 Output::Error(error) => {
                     let metrics = &self.server.metrics;
                     metrics
@@ -422,7 +437,7 @@ impl Connection {
                         let result = error.kind().replace('-', "_");
                         metrics.handshakes.with_label_values(&[&result]).inc();
                     }
-                    self.pending_frames.push(error.to_frame());
+                    self.push_frame(error.to_frame());
                 }
                 Output::Close => self.close = true,
                 Output::Authenticate(request) => self.start_auth(request),
@@ -481,6 +496,7 @@ impl Connection {
     where
         K: Sink<String, Error = E> + Unpin,
     {
+        self.flush_coalesced();
         let frames = std::mem::take(&mut self.pending_frames);
         let handle = self.handle.clone();
         let write = async {
@@ -679,8 +695,8 @@ impl Connection {
                     self.catchup_max = self.catchup_max.max(added);
                 }
             }
-            Outbound::Synced(added) => self.pending_frames.push(Session::synced_frame(&added)),
-            Outbound::Frame(frame) => self.pending_frames.push(frame),
+            Outbound::Synced(added) => self.push_frame(Session::synced_frame(&added)),
+            Outbound::Frame(frame) => self.push_frame(frame),
         }
     }
 
@@ -707,8 +723,30 @@ impl Connection {
             .metrics
             .actions_delivered
             .inc_by(fresh.len() as u64);
-        if let Some(frame) = self.session.sync_frame(&fresh) {
+        for entry in fresh {
+            self.coalesced_bytes += entry.action_json().len() + DELIVERY_META_BYTES;
+            self.coalesced.push(entry);
+            if self.coalesced_bytes >= DELIVERY_FRAME_BYTES_MAX {
+                self.flush_coalesced();
+            }
+        }
+    }
+
+    /// Turns the coalesced entries into one `sync` frame.
+    fn flush_coalesced(&mut self) {
+        if self.coalesced.is_empty() {
+            return;
+        }
+        let entries = std::mem::take(&mut self.coalesced);
+        self.coalesced_bytes = 0;
+        if let Some(frame) = self.session.sync_frame(&entries) {
             self.pending_frames.push(frame);
         }
+    }
+
+    /// Queues a frame after the deliveries already queued.
+    fn push_frame(&mut self, frame: String) {
+        self.flush_coalesced();
+        self.pending_frames.push(frame);
     }
 }
