@@ -103,8 +103,12 @@ for name in sorted(os.listdir(out)):
                 f"{d['client_ms']['p50']/1000:.2f}/{d['client_ms']['p99']/1000:.2f} s, lost {d['lost']}, "
                 f"duplicated {d['duplicated']['total']}, reconnects {d['reconnects']}, errors {d['errors']}, "
                 f"ping p99 storm/disconnect {ping['storm']['p99']}/{ping['disconnect']['p99']} ms, "
-                f"server peak RSS {d['server']['peak_rss_bytes']/1e6:.0f} MB, server CPU {d['server']['cpu_s']} s, "
-                f"generator CPU {d['generator']['cpu_pct_of_wall']:.0f}%")
+                f"server peak RSS {d['server']['peak_rss_bytes']/1e6:.0f} MB, server CPU {d['server']['cpu_s']} s "
+                f"(storm: {r['server_cpu_s']['storm']} s, "
+                f"{r['server_cpu_s']['storm_per']['1000_clients']} s per 1,000 clients, "
+                f"{r['server_cpu_s']['storm_per']['10000_actions']} s per 10,000 actions), "
+                f"generator CPU {d['generator']['cpu_user_s'] + d['generator']['cpu_sys_s']:.1f} s "
+                f"({d['generator']['cpu_pct_of_wall']:.0f}% of wall)")
     elif d.get("scenario") == "fanout":
         l = d["latency_ms"]
         text = (f"{d['deliveries_per_s']:.0f} deliveries/s, {d['actions_per_s']:.0f} actions/s, latency p50/p99/p999 "

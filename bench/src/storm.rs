@@ -624,10 +624,25 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             .await;
         let disconnect_rss_peak = monitor.take_window_peak();
         let cpu_end = pid.and_then(|p| sys::cpu_times(&p.to_string()));
-        let cpu_delta = |a: Option<sys::CpuTimes>, b: Option<sys::CpuTimes>| match (a, b) {
-            (Some(a), Some(b)) => json!(sys::round3(b.since(&a).total_s())),
+        let cpu_seconds = |a: Option<sys::CpuTimes>, b: Option<sys::CpuTimes>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.since(&a).total_s()),
+            _ => None,
+        };
+        let cpu_delta = |a, b| match cpu_seconds(a, b) {
+            Some(seconds) => json!(sys::round3(seconds)),
+            None => Value::Null,
+        };
+        // The storm's server CPU per unit of work, so runs of different sizes compare and the
+        // server's share stands next to the generator's.
+        let storm_cpu = cpu_seconds(cpu_storm_start, cpu_disconnect_start);
+        let per = |units: f64| match storm_cpu {
+            Some(seconds) if units > 0.0 => json!(sys::round3(seconds / units)),
             _ => Value::Null,
         };
+        let storm_cpu_per = json!({
+            "1000_clients": per(n as f64 / 1_000.0),
+            "10000_actions": per((n * k) as f64 / 10_000.0),
+        });
 
         let mut actions_us: Vec<u64> = clients
             .iter()
@@ -681,6 +696,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             "server_cpu_s": {
                 "storm": cpu_delta(cpu_storm_start, cpu_disconnect_start),
                 "disconnect": cpu_delta(cpu_disconnect_start, cpu_end),
+                "storm_per": storm_cpu_per,
             },
         }));
     }
