@@ -10,7 +10,7 @@
 //! `rules.rs` (channels, types, SyncMaps and reducers); `bounds.rs` is the validation table
 //! they share. `config` imports `rules`, never the other way round.
 //!
-//! See `docs/configuration.md` for the reference of every key.
+//! README.md's "Configuration reference" documents every key.
 
 mod auth;
 mod backend;
