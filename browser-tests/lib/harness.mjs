@@ -345,6 +345,8 @@ export async function waitForStatus(page, states, timeout = WAIT_MS) {
 
 /** Types `text` into the page's form and sends it (as a user does). */
 export async function say(page, text) {
+  // A background tab renders no frames, so clicks in it would wait forever.
+  await page.bringToFront()
   await page.click('#text', { count: 3 })
   await page.type('#text', text)
   await page.click('#send')
