@@ -249,7 +249,7 @@ export function scenario(name, transport, body) {
         pages.push(page)
         page.on('pageerror', e => console.log(`[page ${opts.user ?? 'alice'}] error: ${e.message}`))
         page.on('console', m => {
-          if (process.env.BROWSER_SHOW_CONSOLE || m.type() === 'error') {
+          if (process.env.BROWSER_SHOW_CONSOLE) {
             console.log(`[page ${opts.user ?? 'alice'}] ${m.type()}: ${m.text()}`)
           }
         })
