@@ -167,6 +167,17 @@ export async function connectionCounts(ferryPort) {
   return counts
 }
 
+/** The value of ferry_rejections_total{reason="<reason>"} (0 when absent). */
+export async function rejections(ferryPort, reason) {
+  let res = await httpGet(ferryPort, '/metrics')
+  let total = 0
+  for (let line of res.body.split('\n')) {
+    let m = line.match(/^ferry_rejections_total\{([^}]*)\} (\d+)/)
+    if (m && m[1].includes(`reason="${reason}"`)) total += Number(m[2])
+  }
+  return total
+}
+
 /** Every action stored in `channel`, read through the server API (GET /api/v1/channel). */
 export async function storedActions(ferryPort, channel) {
   let all = []
@@ -259,6 +270,7 @@ export function scenario(name, transport, body) {
           user: opts.user ?? 'alice',
           room: opts.room ?? 'r1'
         })
+        if (opts.beforeGoto) await opts.beforeGoto(page)
         await page.goto(`${opts.origin ?? origin}/?${q}`, { waitUntil: 'load', timeout: WAIT_MS })
         await page.waitForSelector('body[data-ready="true"]', { timeout: WAIT_MS })
         return page
