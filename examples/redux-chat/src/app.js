@@ -37,8 +37,8 @@ let client = new CrossTabClient({
   store: new IndexedStore('ferry-chat-' + userId)
 })
 
-// Keep the room's messages in the IndexedDB log (the Redux store adds its own
-// time-travel reason to the rest).
+// @logux/redux gives every action a time-travel reason, so the room's
+// actions stay in the IndexedDB log and come back into the state on reload.
 let createStore = createStoreCreator(client)
 let store = createStore(reducer)
 
@@ -89,6 +89,11 @@ document.getElementById('form').addEventListener('submit', e => {
   e.preventDefault()
   let input = document.getElementById('text')
   if (input.value) say(input.value)
+  input.value = ''
+})
+document.getElementById('set-topic').addEventListener('click', () => {
+  let input = document.getElementById('text')
+  if (input.value) store.dispatch.sync({ type: 'room/topic', room, topic: input.value })
   input.value = ''
 })
 document.getElementById('clear').addEventListener('click', () => {
