@@ -6,28 +6,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "== installing promtool (Debian package prometheus) for the metrics format test"
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  else
-    echo "promtool is missing and apt-get is not available: install Prometheus' promtool" >&2
+# Installs Debian package $1 (for what $2 says) with apt-get, or explains what is missing.
+apt_install() {
+  echo "== installing $1 (Debian package) for $2"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "$1 is missing and apt-get is not available: install it for $2" >&2
     exit 1
   fi
-fi
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$1" >/dev/null
+}
 
+command -v promtool >/dev/null 2>&1 || apt_install prometheus "promtool, the metrics format test"
 if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM_BIN:-}" ]; then
-  echo "== installing chromium (Debian package) for the browser tests"
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
-  else
-    echo "chromium is missing and apt-get is not available: install Chromium or set CHROMIUM_BIN" >&2
-    exit 1
-  fi
+  apt_install chromium "the browser tests (or set CHROMIUM_BIN)"
 fi
 
 echo "== cargo fmt --check"

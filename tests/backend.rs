@@ -103,6 +103,14 @@ fn actions(frames: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// The `logux/undo` actions in `sync` frames.
+fn undos(frames: &[Value]) -> Vec<Value> {
+    actions(frames)
+        .into_iter()
+        .filter(|a| is_type(a, "logux/undo"))
+        .collect()
+}
+
 fn has_action(frames: &[Value], predicate: impl Fn(&Value) -> bool) -> bool {
     actions(frames).iter().any(predicate)
 }
@@ -256,17 +264,10 @@ async fn a_failed_process_and_a_passed_deadline_become_undo() {
     send(&mut socket, buy(3, 1)).await;
     send(&mut socket, buy(4, 2)).await;
     let frames = read_until(&mut socket, Duration::from_secs(10), |frames| {
-        actions(frames)
-            .iter()
-            .filter(|a| is_type(a, "logux/undo"))
-            .count()
-            >= 2
+        undos(frames).len() >= 2
     })
     .await;
-    let undos: Vec<Value> = actions(&frames)
-        .into_iter()
-        .filter(|a| is_type(a, "logux/undo"))
-        .collect();
+    let undos = undos(&frames);
     assert_eq!(undos.len(), 2, "{frames:?}");
     assert_eq!(undos[0]["reason"], "outOfStock");
     assert_eq!(undos[0]["action"]["order"], 3);
@@ -747,18 +748,10 @@ async fn a_subscription_undone_by_its_hooks_stays_unsubscribed_and_is_counted_by
     send(&mut reader, subscribe("orders/666", 1)).await;
     send(&mut reader, subscribe("catalog", 2)).await;
     let frames = read_until(&mut reader, Duration::from_secs(10), |frames| {
-        actions(frames)
-            .iter()
-            .filter(|a| is_type(a, "logux/undo"))
-            .count()
-            >= 2
+        undos(frames).len() >= 2
     })
     .await;
-    let reasons: Vec<Value> = actions(&frames)
-        .iter()
-        .filter(|a| is_type(a, "logux/undo"))
-        .map(|a| a["reason"].clone())
-        .collect();
+    let reasons: Vec<Value> = undos(&frames).iter().map(|a| a["reason"].clone()).collect();
     assert_eq!(reasons, vec![json!("denied"), json!("error")], "{frames:?}");
     // An action for the undone channel must not reach the client.
     let body =

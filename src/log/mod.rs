@@ -426,16 +426,7 @@ impl Log {
         tasks: Vec<TaskOp>,
         hook: Option<DurableHook>,
     ) -> Result<PendingAppend, LogError> {
-        if let Some(reason) = self.inner.shared.poison_reason() {
-            return Err(LogError::Poisoned(reason));
-        }
-        let sender = self
-            .inner
-            .sender
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or(LogError::Closed)?;
+        let sender = self.sender()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let request = Request {
             entries,
@@ -765,21 +756,13 @@ impl Log {
 
     /// Writes a small persistent string value through the writer; returns once it is durable.
     pub async fn put_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
-        let records = RecordOps {
-            insert: vec![(setting_key(key), value.as_bytes().to_vec())],
-            remove: Vec::new(),
-        };
-        self.write_records(records).await
+        self.write_records(RecordOps::setting(key, value)).await
     }
 
     /// Queues a setting for the writer's next group commit without waiting (for start-up code
     /// that is not async); it is durable with that group, before any later append.
     pub fn queue_setting(&self, key: &str, value: &str) -> Result<(), LogError> {
-        let records = RecordOps {
-            insert: vec![(setting_key(key), value.as_bytes().to_vec())],
-            remove: Vec::new(),
-        };
-        let (request, _answer) = Log::records_request(records);
+        let (request, _answer) = Log::records_request(RecordOps::setting(key, value));
         self.sender()?
             .try_send(request)
             .map_err(|_| LogError::Closed)

@@ -2,7 +2,8 @@
 //! commits (one sled batch and one flush for many requests).
 
 use super::keys::{
-    entry_key, id_key, index_keys, last_added_key, state_key, task_key, ADDED_LEN_BYTES,
+    entry_key, id_key, index_keys, last_added_key, setting_key, state_key, task_key,
+    ADDED_LEN_BYTES,
 };
 use super::recent::estimated_bytes;
 use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer, TaskOp};
@@ -41,16 +42,22 @@ pub(super) struct RecordOps {
 }
 
 impl RecordOps {
-    /// Adds the changes to `batch`; how many it made.
-    fn stage(self, batch: &mut CountedBatch) -> usize {
-        let count = self.insert.len() + self.remove.len();
+    /// One settings record (`put_setting`).
+    pub(super) fn setting(key: &str, value: &str) -> RecordOps {
+        RecordOps {
+            insert: vec![(setting_key(key), value.as_bytes().to_vec())],
+            remove: Vec::new(),
+        }
+    }
+
+    /// Adds the changes to `batch`.
+    fn stage(self, batch: &mut CountedBatch) {
         for (key, value) in self.insert {
             batch.insert(key, value);
         }
         for key in self.remove {
             batch.remove(key);
         }
-        count
     }
 }
 
@@ -244,10 +251,9 @@ impl Flusher {
     }
 }
 
-/// Adds one successful request's task changes to `batch`; returns how many it wrote. A task
-/// is only created for an entry stored by this request, never for a duplicate.
-fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut CountedBatch) -> usize {
-    let mut written = 0;
+/// Adds one successful request's task changes to `batch`. A task is only created for an
+/// entry stored by this request, never for a duplicate.
+fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut CountedBatch) {
     for task in tasks {
         match task {
             TaskOp::Add {
@@ -257,16 +263,11 @@ fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut Count
             } => {
                 if let Some(AppendOutcome::Appended(added)) = outcomes.get(entry) {
                     batch.insert(task_key(&queue, *added), value);
-                    written += 1;
                 }
             }
-            TaskOp::Done { queue, added } => {
-                batch.remove(task_key(&queue, added));
-                written += 1;
-            }
+            TaskOp::Done { queue, added } => batch.remove(task_key(&queue, added)),
         }
     }
-    written
 }
 
 /// State of the writer task.
@@ -347,7 +348,6 @@ impl Writer {
         let mut stored = Vec::new();
         let mut stored_bytes = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
-        let mut task_ops = 0;
         for request in group {
             let result = self.stage(
                 request.entries,
@@ -357,8 +357,8 @@ impl Writer {
                 (&mut stored, &mut stored_bytes),
             );
             if let Ok(outcomes) = &result {
-                task_ops += stage_tasks(request.tasks, outcomes, &mut batch);
-                task_ops += request.records.stage(&mut batch);
+                stage_tasks(request.tasks, outcomes, &mut batch);
+                request.records.stage(&mut batch);
             }
             staged.push(Staged {
                 result,
@@ -370,7 +370,8 @@ impl Writer {
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
         let mut written = Written::default();
-        if !stored.is_empty() || task_ops > 0 {
+        // Anything staged (entries, tasks, settings, removals) must be written and flushed.
+        if batch.written.records > 0 {
             if !stored.is_empty() {
                 batch.insert(last_added_key(), last_added.to_be_bytes());
             }
