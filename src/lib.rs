@@ -3,6 +3,7 @@
 pub mod action;
 pub mod backend;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod crdt;
 pub mod log;

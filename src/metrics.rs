@@ -81,11 +81,83 @@ pub struct Metrics {
     pub events_delivered: IntCounter,
     /// Server API requests by `outcome` (`ok`, `unauthorized`, `bad_request`, ...).
     pub api_requests: IntCounterVec,
+    /// Cluster mode (stay at 0 on a single node).
+    pub cluster: ClusterMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// The metrics of the cluster mode.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// `ferry_cluster_view_lag_messages`: stream head minus the last sequence this node applied.
+    pub view_lag: IntGauge,
+    /// `ferry_cluster_applied_sequence`: the last stream sequence this node applied.
+    pub applied: IntGauge,
+    /// `ferry_cluster_append_seconds`: from an append handed to the stream to its
+    /// acknowledgement and local application.
+    pub append_latency: Histogram,
+    /// `ferry_cluster_append_retries_total`: publishes repeated (same message id) after a
+    /// failure or timeout.
+    pub append_retries: IntCounter,
+    /// `ferry_cluster_append_failures_total`: appends given up after the deadline.
+    pub append_failures: IntCounter,
+    /// `ferry_cluster_nats_connected`: 1 while the NATS connection is up.
+    pub nats_connected: IntGauge,
+    /// `ferry_cluster_kicks_total{direction}`: zombie kicks sent to the other nodes and
+    /// connections closed here because a client connected to another node.
+    pub kicks: IntCounterVec,
+}
+
+impl ClusterMetrics {
+    fn new() -> ClusterMetrics {
+        ClusterMetrics {
+            view_lag: gauge(
+                "ferry_cluster_view_lag_messages",
+                "Stream messages this node has not applied yet (stream head minus applied).",
+            ),
+            applied: gauge(
+                "ferry_cluster_applied_sequence",
+                "Last stream sequence this node applied to its view.",
+            ),
+            append_latency: histogram(
+                "ferry_cluster_append_seconds",
+                "Time from an append handed to the stream to its acknowledgement and local application.",
+            ),
+            append_retries: counter(
+                "ferry_cluster_append_retries_total",
+                "Stream publishes repeated with the same message id after a failure.",
+            ),
+            append_failures: counter(
+                "ferry_cluster_append_failures_total",
+                "Appends given up after the append deadline (clients re-send).",
+            ),
+            nats_connected: gauge(
+                "ferry_cluster_nats_connected",
+                "1 while the connection to NATS is up.",
+            ),
+            kicks: counter_vec(
+                "ferry_cluster_kicks_total",
+                "Zombie kicks across nodes: sent to others, or received and closing a connection here.",
+                &["direction"],
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.view_lag.clone()),
+            Box::new(self.applied.clone()),
+            Box::new(self.append_latency.clone()),
+            Box::new(self.append_retries.clone()),
+            Box::new(self.append_failures.clone()),
+            Box::new(self.nats_connected.clone()),
+            Box::new(self.kicks.clone()),
+        ]
     }
 }
 
@@ -253,8 +325,9 @@ impl Metrics {
                 "Server API requests by outcome.",
                 &["outcome"],
             ),
+            cluster: ClusterMetrics::new(),
         };
-        let collectors: Vec<Box<dyn Collector>> = vec![
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(metrics.connections.clone()),
             Box::new(metrics.handshakes.clone()),
             Box::new(metrics.actions_received.clone()),
@@ -287,6 +360,7 @@ impl Metrics {
             #[cfg(target_os = "linux")]
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
+        collectors.extend(metrics.cluster.collectors());
         for collector in collectors {
             if let Err(error) = metrics.registry.register(collector) {
                 tracing::error!(%error, "registering a metric failed");

@@ -54,12 +54,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .map_err(RunError::Runtime)?,
         ),
     };
-    let server = Server::open_with_pipeline(
-        config,
-        Arc::new(SystemClock),
-        None,
-        pipeline.as_ref().map(|runtime| runtime.handle.clone()),
-    )?;
+    let handle = pipeline.as_ref().map(|runtime| runtime.handle.clone());
+    let server = if config.cluster.is_some() {
+        Server::open_clustered(config, Arc::new(SystemClock), handle).await?
+    } else {
+        Server::open_with_pipeline(config, Arc::new(SystemClock), None, handle)?
+    };
     let local = listener.local_addr().unwrap_or(addr);
     if server.config.demo {
         tracing::warn!("running with the built-in DEMO rules: any user may use any channel and any action type. Pass --config ferry.toml for real rules");

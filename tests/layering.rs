@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "log",
     "rules",
     "config",
+    "cluster",
     "backend",
     "server",
     "transports",

@@ -15,6 +15,7 @@
 mod auth;
 mod backend;
 mod bounds;
+mod cluster;
 mod limits;
 mod long_poll;
 mod rules;
@@ -27,6 +28,11 @@ pub use self::backend::{
     BACKEND_PROCESS_DEADLINE_MS_DEFAULT, BACKEND_RESPONSE_BYTES_MAX_DEFAULT,
     BACKEND_RETRY_INITIAL_MS_DEFAULT, BACKEND_RETRY_MAX_MS_DEFAULT, BACKEND_SECRET_BYTES_MIN,
     BACKEND_TIMEOUT_MS_DEFAULT,
+};
+pub use self::cluster::{
+    ClusterConfig, CLUSTER_APPEND_DEADLINE_MS_DEFAULT, CLUSTER_CATCH_UP_WAIT_MS_DEFAULT,
+    CLUSTER_LEASE_MS_DEFAULT, CLUSTER_READY_LAG_MAX_DEFAULT, CLUSTER_REPLICAS_DEFAULT,
+    CLUSTER_STREAM_DEFAULT,
 };
 pub use self::limits::{
     Limits, ADMISSION_DEADLINE_MS_DEFAULT, CONNECTIONS_MAX_DEFAULT,
@@ -126,6 +132,9 @@ pub struct Config {
     pub demo: bool,
     /// `[backend]`: HTTP hooks and the server API; `None` disables both.
     pub backend: Option<BackendConfig>,
+    /// `[cluster]`: share one log with other nodes on NATS JetStream; `None` is the
+    /// embedded single-node mode.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -171,6 +180,7 @@ impl Config {
             retention_actions_max: None,
             demo: true,
             backend: None,
+            cluster: None,
         }
     }
 }
@@ -209,6 +219,7 @@ struct RawConfig {
     #[serde(default)]
     allowed_origins: Vec<String>,
     backend: Option<RawBackend>,
+    cluster: Option<ClusterConfig>,
 }
 
 impl RawConfig {
@@ -243,6 +254,9 @@ impl RawConfig {
         let auth = self.auth.into_auth()?;
         self.limits.validate()?;
         self.long_poll.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(Config {
             listen,
             data_dir,
@@ -258,6 +272,7 @@ impl RawConfig {
             retention_actions_max: self.retention_actions_max.filter(|&n| n > 0),
             demo: false,
             backend,
+            cluster: self.cluster,
         })
     }
 }

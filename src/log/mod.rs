@@ -9,6 +9,7 @@
 
 mod keys;
 mod recent;
+mod replica;
 mod writer;
 
 #[cfg(test)]
@@ -20,6 +21,7 @@ use keys::{
     index_range, last_added_key, setting_key, target_head, TargetKind, ENTRY_PREFIX,
 };
 use recent::RecentEntries;
+pub use replica::{Append, Replicated, TaskRef};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,6 +59,10 @@ pub enum LogError {
     /// The writer task is gone (shutdown).
     #[error("log writer stopped")]
     Closed,
+    /// Cluster mode: the shared stream did not take the append before its deadline (the
+    /// client keeps its actions and re-sends them).
+    #[error("the cluster stream is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Default size of sled's page cache (`[limits] log_cache_bytes` uses it too). A
@@ -315,6 +321,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// The writer's queue; `None` once `close` stopped accepting appends.
     sender: Mutex<Option<mpsc::Sender<Request>>>,
+    /// Cluster mode: where appends go instead of the writer (`Log::replicate`).
+    appends: Mutex<Option<mpsc::Sender<Append>>>,
     /// Becomes `true` when the writer has finished and released the storage.
     stopped: watch::Receiver<bool>,
 }
@@ -389,6 +397,7 @@ impl Log {
             inner: Arc::new(Inner {
                 shared,
                 sender: Mutex::new(Some(sender)),
+                appends: Mutex::new(None),
                 stopped,
             }),
         })
@@ -428,14 +437,58 @@ impl Log {
     ) -> Result<PendingAppend, LogError> {
         let sender = self.sender()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
+        let replicated = self
+            .inner
+            .appends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(appends) = replicated {
+            let append = Append::new(entries, tasks, hook, reply);
+            appends.send(append).await.map_err(|_| LogError::Closed)?;
+            return Ok(PendingAppend(answer));
+        }
         let request = Request {
             entries,
             tasks,
             hook,
             records: RecordOps::default(),
             reply,
+            replicated: Vec::new(),
         };
         sender.send(request).await.map_err(|_| LogError::Closed)?;
+        Ok(PendingAppend(answer))
+    }
+
+    /// Cluster mode: from now on appends go to the returned queue (whose owner publishes
+    /// them to the shared stream and answers them) instead of the local writer, which then
+    /// only applies the stream (`apply`), settings and retention.
+    pub fn replicate(&self, queue_len: usize) -> mpsc::Receiver<Append> {
+        let (sender, receiver) = mpsc::channel(queue_len.max(1));
+        *self
+            .inner
+            .appends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sender);
+        receiver
+    }
+
+    /// Cluster mode: applies messages of the shared stream at their sequences (ascending),
+    /// in the writer's next group commit; the head moves to the last one once durable.
+    pub async fn apply(&self, messages: Vec<Replicated>) -> Result<PendingAppend, LogError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = Request {
+            entries: Vec::new(),
+            tasks: Vec::new(),
+            hook: None,
+            records: RecordOps::default(),
+            reply,
+            replicated: messages,
+        };
+        self.sender()?
+            .send(request)
+            .await
+            .map_err(|_| LogError::Closed)?;
         Ok(PendingAppend(answer))
     }
 
@@ -466,6 +519,7 @@ impl Log {
             hook: None,
             records,
             reply,
+            replicated: Vec::new(),
         };
         (request, answer)
     }
@@ -836,6 +890,13 @@ impl Log {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         drop(sender);
+        let appends = self
+            .inner
+            .appends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(appends);
         let mut stopped = self.inner.stopped.clone();
         // An error means the writer is gone without reporting, which is just as stopped.
         let _ = stopped.wait_for(|stopped| *stopped).await;

@@ -6,6 +6,7 @@ use super::keys::{
     ADDED_LEN_BYTES,
 };
 use super::recent::estimated_bytes;
+use super::replica::{GroupTasks, Replicated};
 use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer, TaskOp};
 use crate::action::Entry;
 use std::collections::HashMap;
@@ -30,6 +31,9 @@ pub(super) struct Request {
     pub(super) records: RecordOps,
     /// Where the outcomes go.
     pub(super) reply: Reply,
+    /// Cluster mode: messages of the shared stream to apply at their sequences (then
+    /// `entries` and `tasks` are empty).
+    pub(super) replicated: Vec<Replicated>,
 }
 
 /// Raw records a request writes or removes besides its entries.
@@ -63,7 +67,7 @@ impl RecordOps {
 
 /// A sled batch that counts what it writes, for `ferry_log_records_written_total`.
 #[derive(Default)]
-struct CountedBatch {
+pub(super) struct CountedBatch {
     batch: sled::Batch,
     written: Written,
 }
@@ -78,14 +82,14 @@ pub struct Written {
 }
 
 impl CountedBatch {
-    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+    pub(super) fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         let (key, value) = (key.as_ref(), value.as_ref());
         self.written.records += 1;
         self.written.bytes += (key.len() + value.len()) as u64;
         self.batch.insert(key, value);
     }
 
-    fn remove(&mut self, key: impl AsRef<[u8]>) {
+    pub(super) fn remove(&mut self, key: impl AsRef<[u8]>) {
         let key = key.as_ref();
         self.written.records += 1;
         self.written.bytes += key.len() as u64;
@@ -118,6 +122,8 @@ struct Applied {
     stored_bytes: Vec<usize>,
     /// What the batch wrote; a group that wrote nothing needs no flush.
     written: Written,
+    /// Whether `last_added` moved (entries stored, or replicated messages applied).
+    moved: bool,
     last_added: u64,
     started: std::time::Instant,
 }
@@ -221,6 +227,7 @@ impl Flusher {
             last_added,
             started,
             written,
+            moved,
         } = group;
         if written.records > 0 {
             self.listener.records_written(written);
@@ -230,8 +237,10 @@ impl Flusher {
             // Before the head moves: retention never removes above the head, so it cannot
             // have removed these yet.
             self.shared.recent.push(&stored, &stored_bytes);
-            self.shared.advance_head(last_added);
             self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+        }
+        if moved {
+            self.shared.advance_head(last_added);
         }
         for request in &mut staged {
             if let (Ok(outcomes), Some(hook)) = (&request.result, request.hook.take()) {
@@ -268,6 +277,29 @@ fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut Count
             TaskOp::Done { queue, added } => batch.remove(task_key(&queue, added)),
         }
     }
+}
+
+/// `(key, value)` records for a sled batch.
+pub(super) type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The records of `entry`, stored at its `meta.added`: the entry, its id (unless `fresh_id`)
+/// and its index postings; and the entry's estimated memory in the window of recent entries.
+pub(super) fn entry_records(
+    entry: &Entry,
+    fresh_id: bool,
+) -> Result<(Records, usize), LogError> {
+    let added = entry.meta.added;
+    let json = serde_json::to_vec(entry).map_err(|error| LogError::Corrupt {
+        key: entry.meta.id.clone(),
+        reason: format!("cannot encode the entry: {error}"),
+    })?;
+    let bytes = estimated_bytes(json.len());
+    let mut records = vec![(entry_key(added).to_vec(), json)];
+    if !fresh_id {
+        records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
+    }
+    records.extend(index_keys(entry).into_iter().map(|key| (key, Vec::new())));
+    Ok((records, bytes))
 }
 
 /// State of the writer task.
@@ -345,17 +377,30 @@ impl Writer {
         let mut batch = CountedBatch::default();
         let mut group_ids = HashMap::new();
         let mut group_states = HashMap::new();
+        let mut group_tasks = GroupTasks::default();
         let mut stored = Vec::new();
         let mut stored_bytes = Vec::new();
         let mut staged = Vec::with_capacity(group.len());
+        let next_before = self.next_added;
         for request in group {
-            let result = self.stage(
-                request.entries,
-                &mut group_ids,
-                &mut group_states,
-                &mut batch,
-                (&mut stored, &mut stored_bytes),
-            );
+            let result = if request.replicated.is_empty() {
+                self.stage(
+                    request.entries,
+                    &mut group_ids,
+                    &mut group_states,
+                    &mut batch,
+                    (&mut stored, &mut stored_bytes),
+                )
+            } else {
+                self.stage_replicated(
+                    request.replicated,
+                    &mut group_ids,
+                    &mut group_states,
+                    &mut group_tasks,
+                    &mut batch,
+                    (&mut stored, &mut stored_bytes),
+                )
+            };
             if let Ok(outcomes) = &result {
                 stage_tasks(request.tasks, outcomes, &mut batch);
                 request.records.stage(&mut batch);
@@ -369,12 +414,13 @@ impl Writer {
 
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
+        let moved = self.next_added > next_before;
+        if moved {
+            batch.insert(last_added_key(), last_added.to_be_bytes());
+        }
         let mut written = Written::default();
         // Anything staged (entries, tasks, settings, removals) must be written and flushed.
         if batch.written.records > 0 {
-            if !stored.is_empty() {
-                batch.insert(last_added_key(), last_added.to_be_bytes());
-            }
             let batch = {
                 let (batch, counted) = batch.finish();
                 written = counted;
@@ -396,6 +442,7 @@ impl Writer {
             stored,
             stored_bytes,
             written,
+            moved,
             last_added,
             started,
         };
@@ -454,13 +501,10 @@ impl Writer {
             }
             let added = self.next_added;
             entry.meta.added = added;
-            let json = match serde_json::to_vec(&entry) {
-                Ok(json) => json,
+            let (entry_records, bytes) = match entry_records(&entry, fresh_id) {
+                Ok(built) => built,
                 Err(error) => {
-                    result = Err(LogError::Corrupt {
-                        key: entry.meta.id.clone(),
-                        reason: format!("cannot encode the entry: {error}"),
-                    });
+                    result = Err(error);
                     break;
                 }
             };
@@ -468,14 +512,10 @@ impl Writer {
                 result = Err(error);
                 break;
             }
-            sizes.push(estimated_bytes(json.len()));
-            records.push((entry_key(added).to_vec(), json));
+            sizes.push(bytes);
+            records.extend(entry_records);
             if !fresh_id {
-                records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
                 group_ids.insert(entry.meta.id.clone(), added);
-            }
-            for key in index_keys(&entry) {
-                records.push((key, Vec::new()));
             }
             // A u64 counter that grows by one per stored entry does not overflow in practice.
             self.next_added += 1;
@@ -503,7 +543,7 @@ impl Writer {
 
     /// Applies the reducer to one entry; the new state record (added + state) goes to
     /// `states`, on top of what this group already changed.
-    fn reduce(
+    pub(super) fn reduce(
         &self,
         entry: &Entry,
         group_states: &HashMap<String, Vec<u8>>,
@@ -536,7 +576,7 @@ impl Writer {
     }
 
     /// The position of `id` when it is already in this group or stored.
-    fn existing_added(
+    pub(super) fn existing_added(
         &self,
         id: &str,
         group_ids: &HashMap<String, u64>,

@@ -18,6 +18,11 @@ impl Worker {
     pub(super) async fn connect_catchup(&self) -> Result<(), PipelineError> {
         let ids = &self.conn.ids;
         let log = &self.server.log;
+        if let Some(cluster) = &self.server.cluster {
+            // Read-your-writes across nodes: what the client wrote through another node
+            // before it came here is in the stream, and must be in this view first.
+            cluster.caught_up(log, self.connect_synced).await?;
+        }
         self.send(Outbound::CatchupPending).await?;
         let head = log.head();
         let mut after = self.connect_synced;

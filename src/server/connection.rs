@@ -624,6 +624,9 @@ impl Connection {
         let limits = &self.server.config.limits;
         let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
+        if let Some(kicks) = &self.server.kicks {
+            kicks.announce(&remote.ids.client_id);
+        }
         self.handle = Some(handle);
         self.outbox = Some(outbox_rx);
         self.subprotocol = remote.subprotocol;

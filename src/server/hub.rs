@@ -141,6 +141,21 @@ impl Hub {
         handle
     }
 
+    /// Closes the connection of `client_id`, if this hub has one (the client connected to
+    /// another cluster node); true when there was one.
+    pub fn kick_client(&self, client_id: &str) -> bool {
+        let Some(id) = self.by_client.get(client_id).map(|id| *id) else {
+            return false;
+        };
+        match self.conns.get(&id) {
+            Some(conn) => {
+                conn.kick();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes a connection and all its subscriptions.
     pub fn unregister(&self, handle: &ConnHandle) {
         self.conns.remove(&handle.id);

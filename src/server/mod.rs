@@ -15,6 +15,7 @@ pub mod process;
 use crate::action::Entry;
 use crate::backend::Backend;
 use crate::clock::Clock;
+use crate::cluster::{Cluster, ClusterError, Kicks};
 use crate::config::{Config, Env};
 use crate::log::{CommitListener, Log, LogError, LogOptions};
 use crate::metrics::Metrics;
@@ -55,6 +56,10 @@ pub enum ServerError {
     /// The event hooks cannot start (their saved cursor is unreadable).
     #[error(transparent)]
     Events(#[from] events::EventsError),
+    /// The cluster mode cannot start (NATS, the stream, or a data directory of another
+    /// stream).
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// The generator of the server's own action ids, shared by the server and its loops.
@@ -150,6 +155,10 @@ pub struct Server {
     /// The runtime of the pipeline workers and the log writer, when it is separate from the
     /// connections' (`limits.pipeline_threads`).
     pub pipeline: Option<tokio::runtime::Handle>,
+    /// Cluster mode: the shared stream this node is a view of.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Cluster mode: announces this node's connections to the other nodes (zombie rule).
+    pub kicks: Option<Kicks>,
     /// The server's own action id generator.
     ids: Arc<ActionIds>,
     /// Set when shutdown starts.
@@ -246,9 +255,81 @@ impl Server {
         node_id: Option<String>,
         pipeline: Option<tokio::runtime::Handle>,
     ) -> Result<Arc<Server>, ServerError> {
+        if config.cluster.is_some() {
+            return Err(ServerError::Cluster(ClusterError::Identity(
+                "[cluster] is configured: the server must be opened with Server::open_clustered"
+                    .to_owned(),
+            )));
+        }
+        let server = Server::open_parts(
+            config,
+            clock,
+            node_id,
+            pipeline,
+            Arc::new(Metrics::new()),
+            None,
+        )?;
+        if server
+            .log
+            .get_setting(crate::cluster::STREAM_SETTING)
+            .map_err(|source| ServerError::Log {
+                dir: server.config.data_dir.display().to_string(),
+                source,
+            })?
+            .is_some()
+        {
+            return Err(ServerError::Cluster(ClusterError::Identity(
+                "the data directory is a cluster node's view of a stream; without [cluster] it would serve a copy that no longer follows the stream. Configure [cluster] or use a new data directory".to_owned(),
+            )));
+        }
+        Ok(server)
+    }
+
+    /// Opens a cluster node (`[cluster]`): connects to NATS, checks that the data directory
+    /// is a view of the configured stream, and starts publishing and applying.
+    pub async fn open_clustered(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        pipeline: Option<tokio::runtime::Handle>,
+    ) -> Result<Arc<Server>, ServerError> {
+        let Some(cluster_config) = config.cluster.clone() else {
+            return Server::open_with_pipeline(config, clock, None, pipeline);
+        };
+        let metrics = Arc::new(Metrics::new());
+        let cluster = Arc::new(Cluster::connect(&cluster_config, metrics.cluster.clone()).await?);
+        let hub_slot: Arc<std::sync::OnceLock<Arc<Hub>>> = Arc::default();
+        let on_kick = {
+            let hub_slot = hub_slot.clone();
+            Arc::new(move |client: &str| hub_slot.get().is_some_and(|hub| hub.kick_client(client)))
+        };
+        let kicks = cluster.kicks(on_kick).await?;
+        let server = Server::open_parts(
+            config,
+            clock,
+            None,
+            pipeline.clone(),
+            metrics,
+            Some((cluster.clone(), kicks)),
+        )?;
+        let _ = hub_slot.set(server.hub.clone());
+        cluster.check_identity(&server.log).await?;
+        let entered = pipeline.as_ref().map(tokio::runtime::Handle::enter);
+        cluster.start(&server.log);
+        drop(entered);
+        Ok(server)
+    }
+
+    /// Builds the server around a log opened in `config.data_dir`.
+    fn open_parts(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        node_id: Option<String>,
+        pipeline: Option<tokio::runtime::Handle>,
+        metrics: Arc<Metrics>,
+        cluster: Option<(Arc<Cluster>, Kicks)>,
+    ) -> Result<Arc<Server>, ServerError> {
         let rules = config.rules.clone();
         let auth = Authenticator::new(&config.auth);
-        let metrics = Arc::new(Metrics::new());
         let hub = Arc::new(Hub::with_metrics(metrics.clone()));
         let events_wake = Arc::new(Notify::new());
         let listener = Arc::new(Committed {
@@ -333,10 +414,24 @@ impl Server {
             process,
             events_wake,
             pipeline,
+            cluster: cluster.as_ref().map(|(cluster, _)| cluster.clone()),
+            kicks: cluster.map(|(_, kicks)| kicks),
             ids,
             shutting_down: AtomicBool::new(false),
             shutdown,
         }))
+    }
+
+    /// Whether load balancers should send clients here (`/ready`): the log accepts writes
+    /// and, in cluster mode, the node can append and its view is close to the stream head.
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(reason) = self.log.poison_reason() {
+            return Err(format!("the log refuses writes: {reason}"));
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.ready(),
+            None => Ok(()),
+        }
     }
 
     /// This server's node id.

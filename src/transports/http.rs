@@ -292,6 +292,13 @@ impl Accepted {
         }
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/health") => Ok(common::plain(StatusCode::OK, "Ferry: OK\n")),
+            (&Method::GET, "/ready") => match server.readiness() {
+                Ok(()) => Ok(common::plain(StatusCode::OK, "Ferry: ready\n")),
+                Err(why) => Ok(common::plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("Ferry: not ready: {why}\n"),
+                )),
+            },
             (&Method::GET, "/metrics") => {
                 let mut response = common::plain(StatusCode::OK, &server.render_metrics());
                 response.headers_mut().insert(
