@@ -19,6 +19,7 @@ apt_install() {
 }
 
 command -v promtool >/dev/null 2>&1 || apt_install prometheus "promtool, the metrics format test"
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || apt_install nats-server "the cluster tests (real NATS JetStream)"
 if [ ! -x /usr/bin/chromium ] && [ -z "${CHROMIUM_BIN:-}" ]; then
   apt_install chromium "the browser tests (or set CHROMIUM_BIN)"
 fi

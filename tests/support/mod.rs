@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod child;
+pub mod nats;
 pub mod net;
 
 use ferry::clock::ManualClock;
