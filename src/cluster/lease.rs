@@ -5,7 +5,41 @@
 
 use crate::config::ClusterConfig;
 use async_nats::jetstream::{self, kv};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A lease is renewed this many times per `lease_ms`, so one lost renewal does not lose it.
+const LEASE_RENEWALS_PER_TERM: u32 = 3;
+
+/// A lease this node holds, renewed in the background until it is released or dropped.
+#[derive(Debug)]
+pub struct Lease {
+    leases: Leases,
+    held: Arc<tokio::sync::Mutex<Held>>,
+    lost: Arc<AtomicBool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// True once a renewal failed: another node may hold it now.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Gives the lease up now (another node need not wait for it to expire).
+    pub async fn release(self) {
+        self.renewer.abort();
+        let held = self.held.lock().await.clone();
+        self.leases.release(held).await;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
 
 /// A held lease: the key and the revision that proves it.
 #[derive(Debug, Clone)]
@@ -14,10 +48,11 @@ pub struct Held {
     revision: u64,
 }
 
-/// The lease bucket of one node.
+/// The lease bucket of one node, and the bucket of settings every node shares.
 #[derive(Clone)]
 pub struct Leases {
     store: kv::Store,
+    settings: kv::Store,
     node_uid: String,
     /// How long a lease lasts without renewal.
     pub lease: Duration,
@@ -38,50 +73,68 @@ impl Leases {
     ) -> Result<Leases, String> {
         let bucket = format!("{}_leases", config.stream);
         let lease = Duration::from_millis(config.lease_ms);
-        // The bucket's stream is created here, as `create_key_value` would: async-nats 0.51
-        // first reads the account info, whose nats-server 2.9 answer it cannot decode.
-        jetstream
-            .get_or_create_stream(jetstream::stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age: lease,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: config.replicas,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                discard: jetstream::stream::DiscardPolicy::New,
-                ..jetstream::stream::Config::default()
-            })
-            .await
-            .map_err(|error| error.to_string())?;
-        let store = jetstream
-            .get_key_value(&bucket)
-            .await
-            .map_err(|error| error.to_string())?;
+        let store = open_bucket(jetstream, &bucket, lease, config.replicas).await?;
+        let settings_bucket = format!("{}_settings", config.stream);
+        let settings =
+            open_bucket(jetstream, &settings_bucket, Duration::ZERO, config.replicas).await?;
         Ok(Leases {
             store,
+            settings,
             node_uid,
             lease,
         })
     }
 
-    /// Takes the lease `name` if nobody holds it.
-    pub async fn acquire(&self, name: &str) -> Option<Held> {
-        let key = lease_key(name);
-        match self
-            .store
-            .create(&key, self.node_uid.clone().into_bytes().into())
-            .await
-        {
-            Ok(revision) => Some(Held { key, revision }),
-            Err(_) => None,
+    /// A setting shared by every node (the events cursor); `Err` when NATS cannot say.
+    pub async fn shared_setting(&self, key: &str) -> Result<Option<String>, String> {
+        match self.settings.get(lease_key(key)).await {
+            Ok(value) => Ok(value.map(|bytes| String::from_utf8_lossy(&bytes).into_owned())),
+            Err(error) => Err(error.to_string()),
         }
     }
 
+    /// Saves a shared setting.
+    pub async fn put_shared_setting(&self, key: &str, value: &str) -> Result<(), String> {
+        self.settings
+            .put(lease_key(key), value.to_owned().into_bytes().into())
+            .await
+            .map(drop)
+            .map_err(|error| error.to_string())
+    }
+
+    /// Takes the lease `name` if nobody holds it, and keeps renewing it.
+    pub async fn acquire(&self, name: &str) -> Option<Lease> {
+        let key = lease_key(name);
+        let revision = self
+            .store
+            .create(&key, self.node_uid.clone().into_bytes().into())
+            .await
+            .ok()?;
+        let held = Arc::new(tokio::sync::Mutex::new(Held { key, revision }));
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewer = tokio::spawn({
+            let (leases, held, lost) = (self.clone(), held.clone(), lost.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(leases.lease / LEASE_RENEWALS_PER_TERM).await;
+                    let mut held = held.lock().await;
+                    if !leases.renew(&mut held).await {
+                        lost.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            }
+        });
+        Some(Lease {
+            leases: self.clone(),
+            held,
+            lost,
+            renewer,
+        })
+    }
+
     /// Renews a held lease; `false` when it was lost (expired and taken, or NATS is down).
-    pub async fn renew(&self, held: &mut Held) -> bool {
+    async fn renew(&self, held: &mut Held) -> bool {
         match self
             .store
             .update(
@@ -100,7 +153,7 @@ impl Leases {
     }
 
     /// Gives a held lease up at once, so another node need not wait for it to expire.
-    pub async fn release(&self, held: Held) {
+    async fn release(&self, held: Held) {
         if let Err(error) = self
             .store
             .purge_expect_revision(&held.key, Some(held.revision))
@@ -109,6 +162,37 @@ impl Leases {
             tracing::debug!(%error, "releasing a lease failed; it expires by itself");
         }
     }
+}
+
+/// Opens a key-value bucket, creating its stream as `create_key_value` would: async-nats
+/// 0.51 first reads the account info there, whose nats-server 2.9 answer it cannot decode.
+/// `max_age` zero keeps values forever.
+async fn open_bucket(
+    jetstream: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    jetstream
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: false,
+            discard: jetstream::stream::DiscardPolicy::New,
+            ..jetstream::stream::Config::default()
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    jetstream
+        .get_key_value(bucket)
+        .await
+        .map_err(|error| error.to_string())
 }
 
 /// A bucket key for any lease name (client ids hold characters keys may not).

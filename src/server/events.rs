@@ -12,6 +12,7 @@
 use super::Shutdown;
 use crate::action::Entry;
 use crate::backend::{meta_json, Backend, Backoff};
+use crate::cluster::lease::{Lease, Leases};
 use crate::config::Hook;
 use crate::log::{Log, LogError};
 use crate::metrics::Metrics;
@@ -68,14 +69,62 @@ pub struct Uses {
     pub wake: Arc<Notify>,
     /// Stops the dispatcher.
     pub shutdown: Shutdown,
+    /// Cluster mode: one node at a time delivers events, under the events lease, from a
+    /// cursor shared by every node.
+    pub leases: Option<Leases>,
 }
+
+/// The lease the delivering node holds in cluster mode.
+const EVENTS_LEASE: &str = "events";
 
 /// Reads the saved cursor and starts the dispatcher. Fails, starting nothing, when the
 /// cursor cannot be read or parsed.
 pub fn start(uses: Uses) -> Result<(), EventsError> {
+    if uses.leases.is_some() {
+        tokio::spawn(async move { run_in_cluster(uses).await });
+        return Ok(());
+    }
     let saved = saved_cursor(&uses.log)?;
-    tokio::spawn(async move { run(uses, saved).await });
+    tokio::spawn(async move { run(&uses, saved, None).await });
     Ok(())
+}
+
+/// Cluster mode: waits for the events lease, reads the shared cursor, and delivers until the
+/// lease is lost (another node then takes over from the cursor it finds).
+async fn run_in_cluster(uses: Uses) {
+    let Some(leases) = uses.leases.clone() else {
+        return;
+    };
+    while !uses.shutdown.is_started() {
+        let Some(lease) = leases.acquire(EVENTS_LEASE).await else {
+            uses.shutdown.sleep(leases.lease / 2).await;
+            continue;
+        };
+        let saved = match leases.shared_setting(CURSOR_SETTING).await {
+            Ok(None) => None,
+            Ok(Some(text)) => match text.parse() {
+                Ok(cursor) => Some(cursor),
+                Err(_) => {
+                    let error = EventsError::Corrupt {
+                        key: CURSOR_SETTING,
+                        value: text,
+                    };
+                    tracing::error!(%error, "event hooks stopped");
+                    lease.release().await;
+                    return;
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "reading the shared events cursor failed; retrying");
+                lease.release().await;
+                uses.shutdown.sleep(leases.lease / 2).await;
+                continue;
+            }
+        };
+        tracing::info!(cursor = ?saved, "this node delivers the event hooks");
+        run(&uses, saved, Some(&lease)).await;
+        lease.release().await;
+    }
 }
 
 /// The saved cursor; `None` on a first start.
@@ -103,8 +152,18 @@ fn is_event(rules: &Rules, entry: &Entry) -> bool {
     })
 }
 
-async fn save_cursor(log: &Log, cursor: u64) {
-    if let Err(error) = log.put_setting(CURSOR_SETTING, &cursor.to_string()).await {
+async fn save_cursor(uses: &Uses, cursor: u64) {
+    let saved = match &uses.leases {
+        Some(leases) => leases
+            .put_shared_setting(CURSOR_SETTING, &cursor.to_string())
+            .await,
+        None => uses
+            .log
+            .put_setting(CURSOR_SETTING, &cursor.to_string())
+            .await
+            .map_err(|error| error.to_string()),
+    };
+    if let Err(error) = saved {
         tracing::error!(%error, "saving the events cursor failed");
     }
 }
@@ -158,19 +217,20 @@ async fn deliver(uses: &Uses, events: Vec<Value>) -> bool {
     true
 }
 
-async fn run(uses: Uses, saved_cursor: Option<u64>) {
+/// Delivers events after `saved_cursor` until shutdown, or until `lease` is lost.
+async fn run(uses: &Uses, saved_cursor: Option<u64>, lease: Option<&Lease>) {
     let log = &uses.log;
     let mut cursor = match saved_cursor {
         Some(cursor) => cursor,
         None => {
             let head = log.head();
-            save_cursor(log, head).await;
+            save_cursor(uses, head).await;
             head
         }
     };
     let mut saved = cursor;
     let batch_max = uses.backend.config.events_batch_max;
-    while !uses.shutdown.is_started() {
+    while !uses.shutdown.is_started() && !lease.is_some_and(Lease::is_lost) {
         let scanned = match log.entries_after(cursor, SCAN_ENTRIES_MAX) {
             Ok(scanned) => scanned,
             Err(error) => {
@@ -179,7 +239,7 @@ async fn run(uses: Uses, saved_cursor: Option<u64>) {
             }
         };
         if scanned.is_empty() {
-            if !idle(&uses).await {
+            if !idle(uses).await {
                 return;
             }
             continue;
@@ -188,16 +248,16 @@ async fn run(uses: Uses, saved_cursor: Option<u64>) {
         if events.is_empty() {
             cursor = last;
             if cursor - saved >= SKIPPED_SAVE_ENTRIES {
-                save_cursor(log, cursor).await;
+                save_cursor(uses, cursor).await;
                 saved = cursor;
             }
             continue;
         }
-        if !deliver(&uses, events).await {
+        if !deliver(uses, events).await {
             return;
         }
         cursor = last;
-        save_cursor(log, cursor).await;
+        save_cursor(uses, cursor).await;
         saved = cursor;
     }
 }

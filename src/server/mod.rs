@@ -390,6 +390,7 @@ impl Server {
                 shutdown: Shutdown {
                     receiver: shutdown.subscribe(),
                 },
+                leases: cluster.as_ref().map(|(cluster, _)| cluster.leases.clone()),
             }))
         });
         let session_config = Arc::new(SessionConfig {
@@ -461,11 +462,23 @@ impl Server {
                 metrics: self.metrics.clone(),
                 wake: self.events_wake.clone(),
                 shutdown: self.shutdown_signal(),
+                leases: self.cluster.as_ref().map(|cluster| cluster.leases.clone()),
             })?;
         }
         if let Some(process) = &self.process {
             if let Err(error) = process::resume(process) {
                 tracing::error!(%error, "resuming process tasks failed");
+            }
+            if let Some(cluster) = &self.cluster {
+                // Tasks of other nodes' clients arrive through the stream: look for queues
+                // without a loop here, so that a task whose node died is taken over.
+                let (process, shutdown) = (process.clone(), self.shutdown_signal());
+                let every = cluster.leases.lease;
+                tokio::spawn(async move {
+                    while shutdown.sleep(every).await {
+                        process::sweep(&process);
+                    }
+                });
             }
         }
         Ok(())

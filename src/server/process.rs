@@ -16,6 +16,7 @@ use crate::action::{Entry, Meta, NodeIds};
 use crate::backend::{meta_json, Backend, Backoff, HookContext, ProcessAnswer, ServerAction};
 use crate::clock::Clock;
 use crate::config::{Hook, RuleHooks};
+use crate::cluster::lease::{Lease, Leases};
 use crate::log::{Log, LogError, Task, TaskOp};
 use crate::metrics::Metrics;
 use serde_json::{json, Value};
@@ -44,6 +45,8 @@ pub struct Uses {
     pub subprotocol: u32,
     /// Stops the loops.
     pub shutdown: Shutdown,
+    /// Cluster mode: a queue is run by the node holding its lease.
+    pub leases: Option<Leases>,
 }
 
 /// The `process` loops of one server: what they use, and the queues (clients) that have a
@@ -116,6 +119,19 @@ pub fn resume(loops: &Arc<ProcessLoops>) -> Result<(), LogError> {
     Ok(())
 }
 
+/// Cluster mode: starts a loop for every queue with tasks that has none (tasks of clients
+/// of other nodes, whose loop may have died with its node).
+pub fn sweep(loops: &Arc<ProcessLoops>) {
+    match loops.uses.log.task_queues() {
+        Ok(queues) => {
+            for (queue, _) in queues {
+                loops.notify(&queue);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "listing process queues failed"),
+    }
+}
+
 /// How many durable tasks `queues` hold, counted without reading them.
 fn pending_tasks(log: &Log, queues: &[(String, u64)]) -> Result<usize, LogError> {
     let mut pending = 0;
@@ -161,6 +177,7 @@ impl ProcessLoops {
 
     async fn run_queue(&self, queue: String) {
         let log = &self.uses.log;
+        let mut lease: Option<Lease> = None;
         while !self.uses.shutdown.is_started() {
             let tasks = match log.tasks(&queue, TASKS_READ_MAX) {
                 Ok(tasks) => tasks,
@@ -173,24 +190,55 @@ impl ProcessLoops {
             if tasks.is_empty() {
                 // Re-check under the lock: a task stored after the read above notifies while
                 // we hold it, sees the queue still active, and relies on this loop to find it.
-                let mut active = self.active();
-                match log.tasks(&queue, 1) {
-                    Ok(more) if more.is_empty() => {
-                        active.remove(&queue);
-                        return;
+                let finished = {
+                    let mut active = self.active();
+                    match log.tasks(&queue, 1) {
+                        Ok(more) if more.is_empty() => {
+                            active.remove(&queue);
+                            true
+                        }
+                        _ => false,
                     }
-                    _ => continue,
+                };
+                if finished {
+                    if let Some(lease) = lease.take() {
+                        lease.release().await;
+                    }
+                    return;
                 }
+                continue;
+            }
+            if !self.hold_lease(&queue, &mut lease).await {
+                continue;
             }
             for task in tasks {
-                if !self.run_task(task).await {
-                    // Shutdown, or the log refuses writes: do not spin on the same task.
+                if lease.as_ref().is_some_and(Lease::is_lost) || !self.run_task(task).await {
+                    // Shutdown, the log refuses writes, or the lease was lost: do not spin
+                    // on the same task.
                     self.pause().await;
                     break;
                 }
             }
         }
         self.active().remove(&queue);
+    }
+
+    /// Cluster mode: takes (or keeps) the lease of `queue`. False when another node holds
+    /// it: then this loop waits and reads the queue again, which that node's answers empty,
+    /// or which this node takes over once the lease expires.
+    async fn hold_lease(&self, queue: &str, lease: &mut Option<Lease>) -> bool {
+        let Some(leases) = &self.uses.leases else {
+            return true;
+        };
+        if lease.as_ref().is_some_and(|held| !held.is_lost()) {
+            return true;
+        }
+        *lease = leases.acquire(&format!("process {queue}")).await;
+        if lease.is_none() {
+            self.uses.shutdown.sleep(leases.lease / 2).await;
+            return false;
+        }
+        true
     }
 
     /// Calls the back-end for one task until it is finished; false when the loop must pause
