@@ -18,6 +18,9 @@ use std::time::Duration;
 
 /// Most stream messages applied in one group commit.
 const APPLY_GROUP_MESSAGES_MAX: usize = 4_096;
+/// A consumer that delivers nothing for this long while the stream is known to have more
+/// is replaced.
+const CONSUMER_STALL_MS: u64 = 2_000;
 /// Pause before the consumer is created again after it failed.
 const CONSUMER_RETRY_MS: u64 = 500;
 
@@ -79,13 +82,27 @@ impl Applier {
             }
         };
         loop {
-            let first = match messages.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
+            let next =
+                tokio::time::timeout(Duration::from_millis(CONSUMER_STALL_MS), messages.next())
+                    .await;
+            let first = match next {
+                Err(_) if self.state.known_head() > self.log.head() => {
+                    // The stream has messages this consumer does not deliver (its server
+                    // restarted and forgot it): start a new one from the view's head.
+                    tracing::warn!(
+                        applied = self.log.head(),
+                        head = self.state.known_head(),
+                        "the stream consumer stalled; creating it again"
+                    );
+                    return Ok(());
+                }
+                Err(_) => continue,
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "the stream consumer failed; creating it again");
                     return Ok(());
                 }
-                None => return Ok(()),
+                Ok(None) => return Ok(()),
             };
             let mut batch = vec![first];
             while batch.len() < APPLY_GROUP_MESSAGES_MAX {

@@ -29,6 +29,8 @@ pub const STREAM_SETTING: &str = "cluster_stream";
 /// How long the NATS client waits for a JetStream answer (an acknowledgement) before the
 /// publisher repeats the publish.
 const JETSTREAM_TIMEOUT_MS: u64 = 2_000;
+/// How often the stream head is read (readiness, view lag).
+const PROBE_INTERVAL_MS: u64 = 1_000;
 /// Replication queue capacity (appends waiting to be published).
 const APPEND_QUEUE_LEN: usize = 4_096;
 
@@ -85,6 +87,10 @@ pub(crate) struct State {
 impl State {
     fn saw_head(&self, seq: u64) {
         self.head.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn known_head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
     }
 
     fn set_appending(&self, appending: bool) {
@@ -198,6 +204,12 @@ impl Cluster {
         };
         tokio::spawn(applier.run());
         self.state.set_appending(true);
+        tokio::spawn(probe(
+            self.stream.clone(),
+            log.clone(),
+            self.state.clone(),
+            self.metrics.clone(),
+        ));
     }
 
     /// Refuses a data directory that belongs to another stream, holds a single-node log, or
@@ -309,6 +321,30 @@ impl Cluster {
     /// The configuration.
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+}
+
+/// Asks the stream leader for the stream head every `PROBE_INTERVAL_MS`: keeps the view lag
+/// right while nothing arrives, and says appends can go through again after a failure
+/// (a load balancer sends no clients to a node that is not ready, so no publish would).
+async fn probe(stream: stream::Stream, log: Log, state: Arc<State>, metrics: ClusterMetrics) {
+    let mut stream = stream;
+    loop {
+        tokio::time::sleep(Duration::from_millis(PROBE_INTERVAL_MS)).await;
+        if log.poison_reason().is_some() {
+            continue;
+        }
+        match stream.info().await {
+            Ok(info) => {
+                state.saw_head(info.state.last_sequence);
+                state.set_appending(true);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "the stream leader did not answer");
+                state.set_appending(false);
+            }
+        }
+        state.update_lag(log.head(), &metrics);
     }
 }
 

@@ -284,10 +284,7 @@ pub(super) type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The records of `entry`, stored at its `meta.added`: the entry, its id (unless `fresh_id`)
 /// and its index postings; and the entry's estimated memory in the window of recent entries.
-pub(super) fn entry_records(
-    entry: &Entry,
-    fresh_id: bool,
-) -> Result<(Records, usize), LogError> {
+pub(super) fn entry_records(entry: &Entry, fresh_id: bool) -> Result<(Records, usize), LogError> {
     let added = entry.meta.added;
     let json = serde_json::to_vec(entry).map_err(|error| LogError::Corrupt {
         key: entry.meta.id.clone(),

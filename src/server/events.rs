@@ -154,9 +154,11 @@ fn is_event(rules: &Rules, entry: &Entry) -> bool {
 
 async fn save_cursor(uses: &Uses, cursor: u64) {
     let saved = match &uses.leases {
-        Some(leases) => leases
-            .put_shared_setting(CURSOR_SETTING, &cursor.to_string())
-            .await,
+        Some(leases) => {
+            leases
+                .put_shared_setting(CURSOR_SETTING, &cursor.to_string())
+                .await
+        }
         None => uses
             .log
             .put_setting(CURSOR_SETTING, &cursor.to_string())

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod child;
+pub mod cluster;
 pub mod nats;
 pub mod net;
 
