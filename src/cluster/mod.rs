@@ -166,6 +166,12 @@ impl Cluster {
             .map_err(|error| stream_error(error.to_string()))?;
         let identity = format!("{} {}", config.stream, info.created.unix_timestamp_nanos());
         state.saw_head(info.state.last_sequence);
+        let max_payload = client.server_info().max_payload;
+        tracing::info!(
+            stream = %config.stream,
+            max_payload,
+            "cluster: one stream message per log entry; an entry larger than the NATS max_payload cannot be stored in cluster mode"
+        );
         let node_uid = ulid::Ulid::new().to_string().to_lowercase();
         let leases = lease::Leases::open(&jetstream, config, node_uid.clone())
             .await

@@ -171,6 +171,12 @@ impl Publisher {
                         Ok(Err(error)) => Err(error.to_string()),
                         Err(_) => Err("timed out".to_owned()),
                     },
+                    Ok(Err(error))
+                        if error.kind() == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded =>
+                    {
+                        // Repeating cannot help: fail the group now.
+                        return Err(LogError::Unavailable(error.to_string()));
+                    }
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err("timed out".to_owned()),
                 };

@@ -395,3 +395,68 @@ fn sync_maps_and_reducers_are_read_into_the_rules() {
     assert_eq!(reducer.field(), Some("by"));
     assert_eq!(reducer.access(), &TypeAccess::Field("userId".into()));
 }
+
+#[test]
+fn cluster_section_has_defaults_and_reads_every_key() {
+    let c = Config::from_toml_str("[cluster]\nnats_urls = [\"nats://10.0.0.1:4222\"]\n").unwrap();
+    let cluster = c.cluster.expect("cluster");
+    assert_eq!(cluster.nats_urls, vec!["nats://10.0.0.1:4222".to_owned()]);
+    assert_eq!(cluster.stream, CLUSTER_STREAM_DEFAULT);
+    assert_eq!(cluster.replicas, CLUSTER_REPLICAS_DEFAULT);
+    assert_eq!(
+        cluster.append_deadline_ms,
+        CLUSTER_APPEND_DEADLINE_MS_DEFAULT
+    );
+    assert_eq!(cluster.ready_lag_max, CLUSTER_READY_LAG_MAX_DEFAULT);
+    assert_eq!(cluster.catch_up_wait_ms, CLUSTER_CATCH_UP_WAIT_MS_DEFAULT);
+    assert_eq!(cluster.lease_ms, CLUSTER_LEASE_MS_DEFAULT);
+    assert!(Config::from_toml_str("").unwrap().cluster.is_none());
+    let c = Config::from_toml_str(
+        r#"[cluster]
+nats_urls = ["nats://a:4222", "nats://b:4222"]
+stream = "app-log_1"
+replicas = 5
+user_password_file = "/etc/ferry/nats-user"
+ca_file = "/etc/ferry/nats-ca.pem"
+append_deadline_ms = 5000
+ready_lag_max = 10
+catch_up_wait_ms = 100
+lease_ms = 2000
+"#,
+    )
+    .unwrap();
+    let cluster = c.cluster.expect("cluster");
+    assert_eq!(cluster.stream, "app-log_1");
+    assert_eq!(cluster.replicas, 5);
+    assert_eq!(
+        cluster.user_password_file,
+        Some(PathBuf::from("/etc/ferry/nats-user"))
+    );
+    assert_eq!(
+        cluster.ca_file,
+        Some(PathBuf::from("/etc/ferry/nats-ca.pem"))
+    );
+    assert_eq!(
+        (cluster.append_deadline_ms, cluster.ready_lag_max),
+        (5000, 10)
+    );
+    assert_eq!((cluster.catch_up_wait_ms, cluster.lease_ms), (100, 2000));
+}
+
+#[test]
+fn cluster_mistakes_are_errors_naming_the_key() {
+    assert!(err("[cluster]\nnats_urls = []\n").contains("cluster.nats_urls"));
+    assert!(err("[cluster]\nstream = \"x\"\n").contains("nats_urls"));
+    assert!(
+        err("[cluster]\nnats_urls = [\"nats://a\"]\nstream = \"a.b\"\n").contains("cluster.stream")
+    );
+    assert!(
+        err("[cluster]\nnats_urls = [\"nats://a\"]\nreplicas = 6\n").contains("cluster.replicas")
+    );
+    assert!(
+        err("[cluster]\nnats_urls = [\"nats://a\"]\nlease_ms = 10\n").contains("cluster.lease_ms")
+    );
+    assert!(err("[cluster]\nnats_urls = [\"nats://a\"]\nreplica = 3\n").contains("replica"));
+    let both = "[cluster]\nnats_urls = [\"nats://a\"]\nuser_password_file = \"u\"\nnkey_seed_file = \"k\"\n";
+    assert!(err(both).contains("not both"));
+}
