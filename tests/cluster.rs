@@ -180,3 +180,44 @@ async fn a_node_is_not_ready_while_nats_is_gone_and_clients_get_no_error() {
         nodes[0].log_tail()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_authenticates_to_nats_with_the_configured_password_file_and_refuses_to_start_without(
+) {
+    let nats =
+        NatsCluster::start_with(1, "authorization { user: ferry, password: \"s3cret\" }\n").await;
+    let root = tempfile::tempdir().expect("tempdir");
+    let password = root.path().join("nats-user");
+    std::fs::write(&password, "ferry:s3cret\n").expect("password file");
+    let extra = format!("user_password_file = {:?}", password.display().to_string());
+    let nodes = start_nodes(root.path(), 1, RULES, &nats, &extra).await;
+    let mut client = Client::connect(nodes[0].port(), "p:p:t", 0)
+        .await
+        .expect("client");
+    assert!(client.send_action(1, message("4", 1)).await);
+    assert!(
+        client.wait_acked(1, WAIT).await,
+        "appends go through with the password"
+    );
+
+    let config = root.path().join("no-password.toml");
+    support::cluster::write_config(&config, RULES, &nats, "ferry", "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(root.path().join("refused"))
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run ferry");
+    assert!(
+        !output.status.success(),
+        "without credentials ferry does not start"
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("cannot connect to NATS"), "{text}");
+}

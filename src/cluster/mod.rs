@@ -118,6 +118,8 @@ pub struct Cluster {
     identity: String,
     state: Arc<State>,
     metrics: ClusterMetrics,
+    /// The last stream-head request: when it started, and the head it read.
+    head_probe: tokio::sync::Mutex<Option<(tokio::time::Instant, u64)>>,
     /// Process and events leases.
     pub leases: lease::Leases,
     /// A unique name of this process among the nodes (lease holder, kick sender).
@@ -184,6 +186,7 @@ impl Cluster {
             identity,
             state,
             metrics,
+            head_probe: tokio::sync::Mutex::new(None),
             leases,
             node_uid,
         })
@@ -267,13 +270,24 @@ impl Cluster {
         }
     }
 
-    /// The stream's last sequence, asked of the stream leader.
+    /// The stream's last sequence, asked of the stream leader by a request that started
+    /// after this call did. Concurrent callers share one request (a reconnect storm asks
+    /// the leader once per round trip, not once per client).
     async fn stream_head(&self) -> Option<u64> {
+        let asked = tokio::time::Instant::now();
+        let mut last = self.head_probe.lock().await;
+        if let Some((started, head)) = *last {
+            if started >= asked {
+                return Some(head);
+            }
+        }
+        let started = tokio::time::Instant::now();
         let mut stream = self.stream.clone();
         match stream.info().await {
             Ok(info) => {
                 let head = info.state.last_sequence;
                 self.state.saw_head(head);
+                *last = Some((started, head));
                 Some(head)
             }
             Err(error) => {

@@ -132,10 +132,15 @@ impl NatsCluster {
     /// which in a cluster means a JetStream meta leader has been elected. Tries up to three
     /// times with fresh ports before it panics with the nodes' log tails.
     pub async fn start(nodes: usize) -> NatsCluster {
+        NatsCluster::start_with(nodes, "").await
+    }
+
+    /// Like `start`, with `extra` appended to every node's configuration (authorization).
+    pub async fn start_with(nodes: usize, extra: &str) -> NatsCluster {
         assert!(nodes >= 1, "a NATS cluster needs at least one node");
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
-            match NatsCluster::try_start(nodes).await {
+            match NatsCluster::try_start(nodes, extra).await {
                 Ok(cluster) => return cluster,
                 Err(failure) => {
                     let summary = failure.lines().next().unwrap_or_default();
@@ -151,7 +156,7 @@ impl NatsCluster {
         );
     }
 
-    async fn try_start(count: usize) -> Result<NatsCluster, String> {
+    async fn try_start(count: usize, extra: &str) -> Result<NatsCluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("ferry-nats-")
             .tempdir()
@@ -182,6 +187,7 @@ impl NatsCluster {
                     others.join(", ")
                 ));
             }
+            text.push_str(extra);
             let config = dir.path().join(format!("{name}.conf"));
             std::fs::write(&config, text)
                 .map_err(|err| format!("write {}: {err}", config.display()))?;
