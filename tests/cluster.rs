@@ -221,3 +221,53 @@ async fn a_node_authenticates_to_nats_with_the_configured_password_file_and_refu
     );
     assert!(text.contains("cannot connect to NATS"), "{text}");
 }
+
+/// A POST to the server API on `port`: status and JSON body.
+async fn api_post(port: u16, path: &str, body: &str, secret: &str) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    let status = text[9..12].parse().expect("status");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_added_through_the_server_api_of_one_node_reaches_subscribers_of_another_once() {
+    const SECRET: &str = "cluster-api-secret-of-at-least-32-bytes!";
+    let nats = NatsCluster::start(3).await;
+    let root = tempfile::tempdir().expect("tempdir");
+    // No hook is configured, so the back-end URL is never called.
+    let rules = format!(
+        "{RULES}\n[backend]\nurl = \"http://127.0.0.1:9/\"\nsecret = \"{SECRET}\"\n[[types]]\ntype = \"order/status\"\naccess = \"anyone\"\n"
+    );
+    let nodes = start_nodes(root.path(), 2, &rules, &nats, "").await;
+    let mut reader = Client::connect(nodes[0].port(), "o:o:t", 0)
+        .await
+        .expect("reader");
+    assert!(reader.subscribe(1, "room/9", None).await);
+    let body = r#"{"actions":[{"id":"order-9-paid","action":{"type":"order/status","order":9},"channels":["room/9"]}]}"#;
+    let (status, first) = api_post(nodes[1].port(), "/api/v1/actions", body, SECRET).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["results"][0]["duplicate"], false);
+    // The same id through the other node is a duplicate at the same position.
+    let (status, again) = api_post(nodes[0].port(), "/api/v1/actions", body, SECRET).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["results"][0]["duplicate"], true, "{again}");
+    assert_eq!(again["results"][0]["added"], first["results"][0]["added"]);
+    assert!(reader.wait_received("order/status", 1, WAIT).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while reader.next_frame(deadline).await.is_some() {}
+    assert_eq!(reader.count("order/status"), 1, "delivered once");
+}

@@ -62,16 +62,16 @@ impl Publisher {
         let mut plans: Vec<Vec<Planned>> = group.iter().map(plan).collect();
         let result = self.publish_plans(&mut plans, deadline).await;
         let result = match result {
-            Ok(seqs) => self.settle(&seqs, deadline).await.map(|()| seqs),
+            Ok(acks) => self.settle(&acks, deadline).await.map(|()| acks),
             Err(error) => Err(error),
         };
         match result {
-            Ok(seqs) => {
+            Ok(acks) => {
                 self.metrics
                     .append_latency
                     .observe(started.elapsed().as_secs_f64());
-                for (append, seqs) in group.into_iter().zip(seqs) {
-                    let outcomes = self.outcomes(&append, &seqs);
+                for (append, acks) in group.into_iter().zip(acks) {
+                    let outcomes = self.outcomes(&append, &acks);
                     append.finish(outcomes);
                 }
             }
@@ -86,13 +86,16 @@ impl Publisher {
     }
 
     /// Publishes every message of `plans`: first those that answer nothing, then the answers.
-    /// Returns the sequence of every message, per append.
+    /// Returns the acknowledgement of every message, per append.
     async fn publish_plans(
         &self,
         plans: &mut [Vec<Planned>],
         deadline: Instant,
-    ) -> Result<Vec<Vec<u64>>, LogError> {
-        let mut seqs: Vec<Vec<u64>> = plans.iter().map(|plan| vec![0; plan.len()]).collect();
+    ) -> Result<Vec<Vec<Acked>>, LogError> {
+        let mut seqs: Vec<Vec<Acked>> = plans
+            .iter()
+            .map(|plan| vec![Acked::default(); plan.len()])
+            .collect();
         for answers in [false, true] {
             let mut batch = Vec::new();
             for (a, plan) in plans.iter_mut().enumerate() {
@@ -106,7 +109,7 @@ impl Publisher {
                     if !answers {
                         continue;
                     }
-                    let action_seq = seqs[a][answered];
+                    let action_seq = seqs[a][answered].seq;
                     let action_id = plan[answered]
                         .record
                         .entry
@@ -144,11 +147,12 @@ impl Publisher {
         &self,
         messages: Vec<(String, Bytes)>,
         deadline: Instant,
-    ) -> Result<Vec<u64>, LogError> {
-        let mut seqs = vec![0; messages.len()];
+    ) -> Result<Vec<Acked>, LogError> {
+        let mut seqs = vec![Acked::default(); messages.len()];
         let mut pending: Vec<usize> = (0..messages.len()).collect();
         let mut pause = Duration::from_millis(PUBLISH_RETRY_INITIAL_MS);
         let mut last_error = String::new();
+        let mut repeated = false;
         while !pending.is_empty() {
             let mut acks = Vec::with_capacity(pending.len());
             for &i in &pending {
@@ -167,7 +171,12 @@ impl Publisher {
             for (i, sent) in acks {
                 let acked = match sent {
                     Ok(Ok(ack)) => match tokio::time::timeout_at(deadline, ack).await {
-                        Ok(Ok(ack)) => Ok(ack.sequence),
+                        // After a repeat, `duplicate` may only mean that our own first
+                        // attempt landed: then the view decides.
+                        Ok(Ok(ack)) => Ok(Acked {
+                            seq: ack.sequence,
+                            duplicate: ack.duplicate && !repeated,
+                        }),
                         Ok(Err(error)) => Err(error.to_string()),
                         Err(_) => Err("timed out".to_owned()),
                     },
@@ -181,9 +190,9 @@ impl Publisher {
                     Err(_) => Err("timed out".to_owned()),
                 };
                 match acked {
-                    Ok(seq) => {
-                        seqs[i] = seq;
-                        self.state.saw_head(seq);
+                    Ok(acked) => {
+                        seqs[i] = acked;
+                        self.state.saw_head(acked.seq);
                     }
                     Err(error) => {
                         last_error = error;
@@ -204,13 +213,19 @@ impl Publisher {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(PUBLISH_RETRY_MAX_MS));
             pending = failed;
+            repeated = true;
         }
         Ok(seqs)
     }
 
     /// Waits until this node's view applied every sequence of the group.
-    async fn settle(&self, seqs: &[Vec<u64>], deadline: Instant) -> Result<(), LogError> {
-        let last = seqs.iter().flatten().copied().max().unwrap_or(0);
+    async fn settle(&self, acks: &[Vec<Acked>], deadline: Instant) -> Result<(), LogError> {
+        let last = acks
+            .iter()
+            .flatten()
+            .map(|acked| acked.seq)
+            .max()
+            .unwrap_or(0);
         if last == 0 {
             return Ok(());
         }
@@ -222,12 +237,17 @@ impl Publisher {
         }
     }
 
-    /// Each entry's outcome, read from the view: stored at its own sequence, or a duplicate
-    /// of the action stored earlier (or of nothing, when a task's result came too late).
-    fn outcomes(&self, append: &Append, seqs: &[u64]) -> Result<Vec<AppendOutcome>, LogError> {
+    /// Each entry's outcome, read from the view: stored at its own sequence by this
+    /// publish, or a duplicate of the action stored earlier (JetStream answered with the
+    /// original's sequence, or the view already had the id), or of nothing when a task's
+    /// result came too late.
+    fn outcomes(&self, append: &Append, acks: &[Acked]) -> Result<Vec<AppendOutcome>, LogError> {
         let mut outcomes: Vec<AppendOutcome> = Vec::with_capacity(append.entries.len());
-        for (entry, &seq) in append.entries.iter().zip(seqs) {
-            let outcome = if entry.meta.fresh_id {
+        for (entry, acked) in append.entries.iter().zip(acks) {
+            let seq = acked.seq;
+            let outcome = if acked.duplicate {
+                AppendOutcome::Duplicate(seq)
+            } else if entry.meta.fresh_id {
                 match (entry.meta.answers_previous, outcomes.last()) {
                     (true, Some(&AppendOutcome::Duplicate(original))) => {
                         AppendOutcome::Duplicate(original)
@@ -245,6 +265,15 @@ impl Publisher {
         }
         Ok(outcomes)
     }
+}
+
+/// What JetStream answered for one published message.
+#[derive(Debug, Clone, Copy, Default)]
+struct Acked {
+    /// The message's stream sequence (the original's, for a repeat within the window).
+    seq: u64,
+    /// The stream already had a message with this id.
+    duplicate: bool,
 }
 
 /// `LogError` is not `Clone` (it wraps sled's error); the publisher only fails with the
