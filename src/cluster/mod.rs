@@ -24,11 +24,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// The settings key of the stream this node's view belongs to: `<name> <creation time>`.
+/// The settings key of the stream this node's view belongs to: `<name> <epoch>`.
 pub const STREAM_SETTING: &str = "cluster_stream";
 /// How long the NATS client waits for a JetStream answer (an acknowledgement) before the
 /// publisher repeats the publish.
 const JETSTREAM_TIMEOUT_MS: u64 = 2_000;
+/// Attempts to find or publish the stream's epoch record at start.
+const EPOCH_ATTEMPTS_MAX: usize = 20;
+/// Pause between two of them.
+const EPOCH_RETRY_MS: u64 = 250;
 /// How often the stream head is read (readiness, view lag).
 const PROBE_INTERVAL_MS: u64 = 1_000;
 /// Replication queue capacity (appends waiting to be published).
@@ -114,7 +118,7 @@ pub struct Cluster {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     stream: stream::Stream,
-    /// `<name> <creation time>` of the stream.
+    /// `<name> <epoch>` of the stream (`stream_epoch`).
     identity: String,
     state: Arc<State>,
     metrics: ClusterMetrics,
@@ -162,12 +166,17 @@ impl Cluster {
             })
             .await
             .map_err(|error| stream_error(error.to_string()))?;
-        let info = stream
+        let epoch = stream_epoch(&jetstream, &mut stream)
+            .await
+            .map_err(stream_error)?;
+        let identity = format!("{} {epoch}", config.stream);
+        let last_sequence = stream
             .info()
             .await
-            .map_err(|error| stream_error(error.to_string()))?;
-        let identity = format!("{} {}", config.stream, info.created.unix_timestamp_nanos());
-        state.saw_head(info.state.last_sequence);
+            .map_err(|error| stream_error(error.to_string()))?
+            .state
+            .last_sequence;
+        state.saw_head(last_sequence);
         let max_payload = client.server_info().max_payload;
         tracing::info!(
             stream = %config.stream,
@@ -229,7 +238,7 @@ impl Cluster {
             Some(identity) if identity == self.identity => {}
             Some(identity) => {
                 return Err(ClusterError::Identity(format!(
-                    "the data directory is a view of stream {identity:?}, but the stream is now {:?} (it was deleted and created again): refusing to serve positions from another history. Move the data directory away to build a new view",
+                    "the data directory is a view of stream {identity:?}, but the stream is now {:?} (it was deleted and created again: its epoch record differs): refusing to serve positions from another history. Move the data directory away to build a new view",
                     self.identity
                 )))
             }
@@ -366,6 +375,53 @@ async fn probe(stream: stream::Stream, log: Log, state: Arc<State>, metrics: Clu
         }
         state.update_lag(log.head(), &metrics);
     }
+}
+
+/// The stream's epoch: the name in its first message, which the first node to find the
+/// stream empty publishes (the creation time is no identity: nats-server 2.9 was seen to
+/// report two different ones for one stream across restarts).
+async fn stream_epoch(
+    jetstream: &jetstream::Context,
+    stream: &mut stream::Stream,
+) -> Result<String, String> {
+    let name = stream.cached_info().config.name.clone();
+    for _ in 0..EPOCH_ATTEMPTS_MAX {
+        let info = stream.info().await.map_err(|error| error.to_string())?;
+        let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if last == 0 {
+            let record = record::Record {
+                v: record::RECORD_VERSION,
+                epoch: Some(ulid::Ulid::new().to_string()),
+                ..record::Record::default()
+            };
+            let payload = serde_json::to_vec(&record).map_err(|error| error.to_string())?;
+            let publish = async_nats::jetstream::message::PublishMessage::build()
+                .message_id(record::EPOCH_MSG_ID)
+                .payload(payload.into());
+            match jetstream.send_publish(log_subject(&name), publish).await {
+                Ok(ack) => {
+                    if let Err(error) = ack.await {
+                        tracing::warn!(%error, "publishing the stream epoch failed; retrying");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "publishing the stream epoch failed; retrying")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(EPOCH_RETRY_MS)).await;
+            continue;
+        }
+        let message = stream
+            .get_raw_message(first)
+            .await
+            .map_err(|error| error.to_string())?;
+        let record: record::Record = serde_json::from_slice(&message.payload)
+            .map_err(|error| format!("its first message is not Ferry's: {error}"))?;
+        return record.epoch.ok_or_else(|| {
+            format!("its first message (sequence {first}) is not Ferry's epoch record")
+        });
+    }
+    Err("the stream's epoch record could not be written".to_owned())
 }
 
 /// The one subject of the stream's log messages.

@@ -33,7 +33,15 @@ pub struct Record {
     /// Tasks this message finishes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub done: Vec<TaskRef>,
+    /// Only in the stream's first message: a random name of this stream's history, which
+    /// every view stores; a stream deleted and created again gets a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
+
+/// The message id of the epoch record: nodes starting together on a new stream publish it
+/// once between them.
+pub const EPOCH_MSG_ID: &str = "ferry-epoch";
 
 /// Why a stream message cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +121,7 @@ pub fn plan(append: &Append) -> Vec<Planned> {
                 task,
                 requires: requires.clone(),
                 done: Vec::new(),
+                epoch: None,
             },
             answers_message,
         });
