@@ -222,6 +222,9 @@ impl Cluster {
         };
         tokio::spawn(applier.run());
         self.state.set_appending(true);
+        // A new or restarted view is behind by what the stream holds beyond it, from the
+        // first moment: not ready until it caught up, not after its first batch.
+        self.state.update_lag(log.head(), &self.metrics);
         tokio::spawn(probe(
             self.stream.clone(),
             log.clone(),
