@@ -13,7 +13,7 @@
 
 import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import http from 'node:http'
 import net from 'node:net'
 import os from 'node:os'
@@ -59,10 +59,10 @@ function delay(ms) {
 }
 
 /** One GET /health; resolves with the status code, or 0 on a network error. */
-function healthStatus(port) {
+function healthStatus(port, urlPath = '/health') {
   return new Promise(resolve => {
     let req = http.get(
-      { host: HOST, port, path: '/health', timeout: 1000, agent: false },
+      { host: HOST, port, path: urlPath, timeout: 1000, agent: false },
       res => {
         res.resume()
         resolve(res.statusCode)
@@ -84,7 +84,7 @@ process.on('exit', () => {
 })
 
 export class ServerHandle {
-  constructor({ port, config, dataDir, ownsDataDir, extraEnv }) {
+  constructor({ port, config, dataDir, ownsDataDir, extraEnv, readyPath = '/health', configDir = null }) {
     /** The port the server listens on (kept across restarts). */
     this.port = port
     this.config = config
@@ -92,6 +92,10 @@ export class ServerHandle {
     this.dataDir = dataDir
     this.ownsDataDir = ownsDataDir
     this.extraEnv = extraEnv
+    /** The path polled until it answers 200 (/health, or /ready for a cluster node). */
+    this.readyPath = readyPath
+    /** A temporary directory holding a generated config (extraToml), removed by stop(). */
+    this.configDir = configDir
     this.child = null
     this.exited = null
     this.output = ''
@@ -212,7 +216,7 @@ export class ServerHandle {
       if (exitedEarly) {
         throw this.errorWithLog('server exited before it became healthy')
       }
-      if ((await healthStatus(this.port)) === 200) {
+      if ((await healthStatus(this.port, this.readyPath)) === 200) {
         // A server that failed to bind exits; the 200 then came from another
         // process that took the same port (only possible when several test
         // files run at once: run them with --test-concurrency=1).
@@ -225,7 +229,7 @@ export class ServerHandle {
       await delay(HEALTH_POLL_MS)
     }
     await this.kill()
-    throw this.errorWithLog(`server did not answer GET /health with 200 within ${HEALTH_TIMEOUT_MS} ms`)
+    throw this.errorWithLog(`server did not answer GET ${this.readyPath} with 200 within ${HEALTH_TIMEOUT_MS} ms`)
   }
 
   async start() {
@@ -278,32 +282,59 @@ export class ServerHandle {
     if (this.ownsDataDir) {
       await rm(this.dataDir, { recursive: true, force: true })
     }
+    if (this.configDir) {
+      await rm(this.configDir, { recursive: true, force: true })
+    }
     return result
   }
+}
+
+/**
+ * Writes `config` (a file) followed by `extraToml` (text, e.g. a `[cluster]` section) to a
+ * new temporary directory; returns { dir, file }.
+ */
+async function configWithExtra(config, extraToml) {
+  let dir = await mkdtemp(path.join(os.tmpdir(), 'ferry-compat-config-'))
+  let file = path.join(dir, 'ferry.toml')
+  let base = await readFile(config, 'utf8')
+  await writeFile(file, `${base.replace(/\n*$/, '\n')}\n${extraToml}\n`)
+  return { dir, file }
 }
 
 /**
  * Starts a server and waits for GET /health.
  * Options: port (default: a free one), config (default ferry-test.toml),
  * dataDir (default: a new temporary directory, removed by stop()), env,
- * start (default true; false returns the handle unstarted: call start()).
+ * extraToml (text appended to the config, e.g. a `[cluster]` section; written to a
+ * temporary file removed by stop()), readyPath (default /health; a cluster node uses
+ * /ready), start (default true; false returns the handle unstarted: call start()).
  */
 export async function startServer(opts = {}) {
   let port = opts.port ?? (await freePort())
   let ownsDataDir = !opts.dataDir
   let dataDir = opts.dataDir ?? (await mkdtemp(path.join(os.tmpdir(), 'ferry-compat-')))
+  let config = opts.config ?? DEFAULT_CONFIG
+  let configDir = null
+  if (opts.extraToml !== undefined) {
+    let written = await configWithExtra(config, opts.extraToml)
+    config = written.file
+    configDir = written.dir
+  }
   let handle = new ServerHandle({
     port,
-    config: opts.config ?? DEFAULT_CONFIG,
+    config,
     dataDir,
     ownsDataDir,
-    extraEnv: opts.env ?? {}
+    extraEnv: opts.env ?? {},
+    readyPath: opts.readyPath,
+    configDir
   })
   if (opts.start === false) return handle
   try {
     await handle.start()
   } catch (e) {
     if (ownsDataDir) await rm(dataDir, { recursive: true, force: true })
+    if (configDir) await rm(configDir, { recursive: true, force: true })
     throw e
   }
   return handle
