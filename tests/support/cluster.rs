@@ -299,3 +299,88 @@ impl Client {
             .collect()
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Helpers of tests/cluster_hooks.rs (back-end hooks, SyncMaps, data-directory identity).
+// ---------------------------------------------------------------------------------------
+
+/// `count` nodes in `root` on `nats`, started, node `i` with the rules `rules(i)` (so that
+/// each node can have its own back-end URL).
+pub async fn start_nodes_each(
+    root: &Path,
+    count: usize,
+    rules: impl Fn(usize) -> String,
+    nats: &NatsCluster,
+    extra: &str,
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 0..count {
+        let dir = root.join(format!("node{i}"));
+        let config = root.join(format!("node{i}.toml"));
+        write_config(&config, &rules(i), nats, "ferry", extra);
+        let mut node = Node {
+            dir,
+            config,
+            ferry: None,
+        };
+        node.start().await;
+        nodes.push(node);
+    }
+    nodes
+}
+
+impl Node {
+    /// Stops the node with SIGTERM (a clean shutdown) and waits for it.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.ferry.take().map(Ferry::terminate)
+    }
+}
+
+/// What a `ferry serve` that was expected to refuse to start did.
+#[derive(Debug)]
+pub struct Exited {
+    /// Its exit status; `None` when it was still running at the deadline (then killed).
+    pub status: Option<std::process::ExitStatus>,
+    /// Everything it wrote to stdout and stderr.
+    pub output: String,
+}
+
+/// Runs `ferry serve --config <config> --data-dir <dir>` until it exits or `wait` passes
+/// (then kills it), capturing its output.
+pub async fn run_to_exit(dir: &Path, config: &Path, wait: Duration) -> Exited {
+    use std::process::{Command, Stdio};
+    let out_path = dir.with_extension("run.out");
+    let err_path = dir.with_extension("run.err");
+    let out = std::fs::File::create(&out_path).expect("stdout file");
+    let err = std::fs::File::create(&err_path).expect("stderr file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("FERRY_LOG", "warn,ferry::run=info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .expect("spawn ferry");
+    let deadline = tokio::time::Instant::now() + wait;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let output = format!(
+        "{}{}",
+        std::fs::read_to_string(&out_path).unwrap_or_default(),
+        std::fs::read_to_string(&err_path).unwrap_or_default()
+    );
+    Exited { status, output }
+}
