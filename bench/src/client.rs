@@ -31,8 +31,10 @@ pub const CLOSE_WAIT_MS: u64 = 1_000;
 /// Settings and shared counters of every client of a scenario.
 #[derive(Debug)]
 pub struct ClientCtx {
-    /// Opens sockets.
+    /// Opens sockets to the first `--url` (the only one outside `fanout`).
     pub connector: Arc<Connector>,
+    /// One connector per `--url`; a workload picks one with [`Workload::url_index`].
+    pub connectors: Vec<Arc<Connector>>,
     /// Bounds TCP connects + upgrades in flight.
     pub connect_slots: Arc<Semaphore>,
     /// Failures by type.
@@ -101,6 +103,11 @@ pub trait Workload {
     fn set_last_received(&mut self, added: u64);
     /// Our own log position, sent in `ping`/`pong`.
     fn own_added(&self) -> u64;
+    /// Which `--url` (index into `ClientCtx::connectors`, modulo their count) the next
+    /// connect attempt goes to. Asked before every attempt.
+    fn url_index(&self) -> usize {
+        0
+    }
     /// A connect attempt starts.
     fn on_attempt(&mut self, now: Instant);
     /// `connected` arrived: `base_time` and the server's node id apply from now on.
@@ -196,7 +203,8 @@ pub async fn run<W: Workload>(ctx: &ClientCtx, w: &mut W, stop: &mut Stop) {
         };
         w.on_attempt(Instant::now());
         ctx.connect_attempts.fetch_add(1, Ordering::Relaxed);
-        let Some(opened) = stop.or(ctx.connector.open()).await else {
+        let connector = &ctx.connectors[w.url_index() % ctx.connectors.len()];
+        let Some(opened) = stop.or(connector.open()).await else {
             return;
         };
         drop(permit);

@@ -16,12 +16,20 @@ use tokio::time::Instant;
 /// Flags every scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Server WebSocket URL; loopback IPv4 only (ws://127.0.0.1:31337/).
-    #[arg(long)]
-    pub url: String,
+    /// Server WebSocket URL; loopback IPv4 only (ws://127.0.0.1:31337/). `fanout` takes
+    /// several (repeat the flag, or separate with commas; `--urls` is the same flag): client
+    /// i uses URL i % n.
+    #[arg(long, alias = "urls", value_delimiter = ',', required = true)]
+    pub url: Vec<String>,
     /// Server process id: its RSS (VmRSS) is sampled every 100 ms and its CPU time read.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Repeat the flag (or separate with commas) for several processes: RSS and CPU are
+    /// summed, and `fanout` also reports each one's CPU.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Other processes whose CPU time is reported on its own, next to the server's (the
+    /// nats-servers of a Ferry cluster). Repeat or separate with commas. `fanout` only.
+    #[arg(long, value_delimiter = ',')]
+    pub nats_pid: Vec<u32>,
     /// Token sent in `connect`.
     #[arg(long, default_value = "secret")]
     pub token: String,
@@ -81,8 +89,14 @@ pub struct Setup {
     pub cpu: CpuMeter,
     /// Open-file limits.
     pub fd: FdLimits,
+    /// The measured server processes (`--server-pid`).
+    pub server_pids: Option<sys::Pids>,
+    /// The processes reported apart (`--nats-pid`).
+    pub nats_pids: Option<sys::Pids>,
     /// Server CPU at the start.
-    pub server_cpu_start: Option<sys::CpuTimes>,
+    pub server_cpu_start: Option<sys::CpuSnapshot>,
+    /// `--nats-pid` CPU at the start.
+    pub nats_cpu_start: Option<sys::CpuSnapshot>,
     /// JSON string literal of the action type.
     pub type_json: String,
 }
@@ -100,9 +114,29 @@ fn check_id_part(what: &str, value: &str) -> Result<(), String> {
 }
 
 impl Setup {
-    /// Checks the flags and builds the connector and client context.
+    /// Checks the flags and builds the connector and client context (one `--url` only).
     pub fn new(common: &Common) -> Result<Setup, String> {
-        let target = net::parse_url(&common.url)?;
+        if common.url.len() > 1 {
+            return Err(
+                "several --url: only fanout spreads its clients over several servers".into(),
+            );
+        }
+        if !common.nats_pid.is_empty() {
+            return Err("--nats-pid: only fanout reports it".into());
+        }
+        Setup::new_multi(common)
+    }
+
+    /// Like [`Setup::new`], with one connector per `--url` (`ctx.connectors`).
+    pub fn new_multi(common: &Common) -> Result<Setup, String> {
+        let targets = common
+            .url
+            .iter()
+            .map(|url| net::parse_url(url))
+            .collect::<Result<Vec<_>, String>>()?;
+        if targets.is_empty() {
+            return Err("--url: name at least one server".into());
+        }
         check_id_part("--user-prefix", &common.user_prefix)?;
         let run_id = match &common.run_id {
             Some(id) => id.clone(),
@@ -129,20 +163,36 @@ impl Setup {
         if common.threads == 0 {
             return Err("--threads must be at least 1".into());
         }
-        if let Some(pid) = common.server_pid {
-            if sys::rss_bytes(pid).is_none() {
+        for (flag, pid) in common
+            .server_pid
+            .iter()
+            .map(|p| ("--server-pid", p))
+            .chain(common.nats_pid.iter().map(|p| ("--nats-pid", p)))
+        {
+            if sys::rss_bytes_of(*pid).is_none() {
                 return Err(format!(
-                    "--server-pid {pid}: cannot read /proc/{pid}/status (no such process?)"
+                    "{flag} {pid}: cannot read /proc/{pid}/status (no such process?)"
                 ));
             }
         }
-        let connector = Arc::new(Connector {
-            target,
-            sources: SourcePool::new(common.source_addrs, common.rotate_every),
-            connect_timeout: Duration::from_millis(common.connect_timeout_ms),
-        });
+        // One source pool for every connector: ephemeral ports are per source address,
+        // whatever the destination.
+        let sources = Arc::new(SourcePool::new(common.source_addrs, common.rotate_every));
+        let connectors: Vec<Arc<Connector>> = targets
+            .into_iter()
+            .map(|target| {
+                Arc::new(Connector {
+                    target,
+                    sources: sources.clone(),
+                    connect_timeout: Duration::from_millis(common.connect_timeout_ms),
+                })
+            })
+            .collect();
+        let server_pids = sys::Pids::new(&common.server_pid);
+        let nats_pids = sys::Pids::new(&common.nats_pid);
         let ctx = Arc::new(ClientCtx {
-            connector,
+            connector: connectors[0].clone(),
+            connectors,
             connect_slots: Arc::new(Semaphore::new(common.connect_concurrency)),
             errors: Arc::new(ErrorCounts::default()),
             token: common.token.clone(),
@@ -158,9 +208,10 @@ impl Setup {
             deadline: Instant::now() + Duration::from_secs(common.timeout_s),
             cpu: CpuMeter::start(),
             fd: sys::fd_limits(),
-            server_cpu_start: common
-                .server_pid
-                .and_then(|p| sys::cpu_times(&p.to_string())),
+            server_pids,
+            nats_pids,
+            server_cpu_start: server_pids.and_then(sys::pids_cpu),
+            nats_cpu_start: nats_pids.and_then(sys::pids_cpu),
             type_json: proto::json_str(&common.action_type),
         })
     }
@@ -208,10 +259,17 @@ impl Setup {
     }
 
     /// Server CPU seconds since the start.
-    pub fn server_cpu_s(&self, common: &Common) -> Option<f64> {
-        let start = self.server_cpu_start?;
-        let now = sys::cpu_times(&common.server_pid?.to_string())?;
-        Some(sys::round3(now.since(&start).total_s()))
+    pub fn server_cpu_s(&self, _common: &Common) -> Option<f64> {
+        let start = self.server_cpu_start.as_ref()?;
+        let now = sys::pids_cpu(self.server_pids?)?;
+        Some(sys::round3(now.since(start).total_s()))
+    }
+
+    /// `--nats-pid` CPU seconds since the start.
+    pub fn nats_cpu_s(&self) -> Option<f64> {
+        let start = self.nats_cpu_start.as_ref()?;
+        let now = sys::pids_cpu(self.nats_pids?)?;
+        Some(sys::round3(now.since(start).total_s()))
     }
 }
 

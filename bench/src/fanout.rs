@@ -3,6 +3,12 @@
 //! reach the C-1 others. Measures deliveries/s, processed actions/s, and the send-to-receive
 //! latency (the `sent_at_ms` inside the action against the receiver's wall clock: the same
 //! clock, since every client lives in this process).
+//!
+//! With several `--url`s client i connects to URL i % n, and the latency is also split by
+//! whether sender and receiver were on the same server. `--rooms R` puts client i in room
+//! i % R (R = C: no fan-out at all, only acknowledged actions). `--failover` moves a client
+//! to the next URL whenever its connection closes, and the summary's `reconnected` section
+//! times how long each client took from the close to being synchronized again.
 
 use crate::client::{self, wall_ms, wall_us, ClientCtx, Outgoing, Stop, Workload};
 use crate::common::{self, Common, Setup};
@@ -40,6 +46,19 @@ pub struct FanoutArgs {
     /// Most `sync`s per client without `synced`.
     #[arg(long, default_value_t = 100)]
     pub window: usize,
+    /// Rooms: client i is in room i % rooms and receives only its room's actions. With
+    /// `--rooms` equal to `--clients` nobody receives anything: acknowledged actions only.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
+    /// When a client's connection closes, reconnect to the next `--url` (i+1 mod n) instead
+    /// of the same one.
+    #[arg(long)]
+    pub failover: bool,
+}
+
+/// Clients in room `room` when `clients` are spread over `rooms` (client i in room i % rooms).
+fn room_members(clients: usize, rooms: usize, room: usize) -> usize {
+    clients / rooms + usize::from(room < clients % rooms)
 }
 
 /// State shared by the fanout clients.
@@ -51,10 +70,19 @@ struct Shared {
     type_json: String,
     /// The action type.
     action_type: String,
-    /// JSON literal of the room id.
-    room_json: String,
-    /// JSON literal of the room's channel.
-    channel_json: String,
+    /// JSON literal of each room's id.
+    room_json: Vec<String>,
+    /// JSON literal of each room's channel.
+    channel_json: Vec<String>,
+    /// Rooms (client i is in room i % rooms).
+    rooms: usize,
+    /// Server URLs.
+    urls: usize,
+    /// Move to the next URL when a connection closes.
+    failover: bool,
+    /// The URL index of each client's current (or last) connection, for the same-node /
+    /// cross-node split of the latency.
+    node_of: Vec<AtomicUsize>,
     /// C.
     clients: usize,
     /// M.
@@ -75,6 +103,8 @@ struct Shared {
     deliveries: AtomicU64,
     /// Actions processed so far (progress).
     processed: AtomicU64,
+    /// The run is ending: closes from now on are ours, not drops.
+    stopping: AtomicBool,
 }
 
 /// One action of a fanout client.
@@ -147,8 +177,24 @@ struct FanoutClient {
     duplicated_received: u64,
     /// Own actions received back, or numbers out of range.
     unexpected: u64,
-    /// Send-to-receive latencies, µs.
+    /// Send-to-receive latencies, µs: sender and receiver on the same `--url` (all of them
+    /// when there is one URL).
     latencies_us: Vec<u32>,
+    /// Send-to-receive latencies, µs, sender on another `--url` than the receiver.
+    cross_latencies_us: Vec<u32>,
+    /// The `--url` index used for the next attempt / the current connection.
+    url: usize,
+    /// The subscribe of the current connection was processed.
+    subscribed_here: bool,
+    /// First close of a connection after `connected` (a drop, not our stop): wall µs.
+    closed_at_us: Option<u64>,
+    /// The first `connected` after that close: wall µs.
+    reconnected_at_us: Option<u64>,
+    /// Actions created before that close: all of them must be answered to be resynchronized.
+    pending_at_close: usize,
+    /// When, after that close, the client was connected again, its subscribe processed and
+    /// every action created before the close answered: wall µs.
+    resynced_at_us: Option<u64>,
     /// Send-to-processed latencies, µs.
     ack_latencies_us: Vec<u32>,
     /// Last delivery and last processed.
@@ -163,7 +209,28 @@ struct FanoutClient {
 
 impl FanoutClient {
     fn expected_deliveries(&self) -> u64 {
-        ((self.shared.clients - 1) * self.shared.actions) as u64
+        let members = room_members(self.shared.clients, self.shared.rooms, self.room());
+        ((members - 1) * self.shared.actions) as u64
+    }
+
+    fn room(&self) -> usize {
+        self.index % self.shared.rooms
+    }
+
+    /// After a drop: synchronized again once connected, subscribed on this connection, and
+    /// every action created before the drop answered.
+    fn check_resynced(&mut self) {
+        if self.closed_at_us.is_none() || self.resynced_at_us.is_some() {
+            return;
+        }
+        if self.connected
+            && self.subscribed_here
+            && self.acts[..self.pending_at_close]
+                .iter()
+                .all(|a| a.synced && a.answers > 0)
+        {
+            self.resynced_at_us = Some(wall_us());
+        }
     }
 
     fn check_done(&mut self) {
@@ -179,6 +246,7 @@ impl FanoutClient {
     }
 
     fn action_frame(&mut self, i: usize) -> Outgoing {
+        let room = self.room();
         let act = &mut self.acts[i];
         act.in_sync = act.added;
         let n = (self.index * self.shared.actions + i) as u64;
@@ -186,7 +254,7 @@ impl FanoutClient {
         frame.push(
             &proto::bench_action(
                 &self.shared.type_json,
-                &self.shared.room_json,
+                &self.shared.room_json[room],
                 n,
                 act.sent_us as f64 / 1000.0,
             ),
@@ -213,10 +281,18 @@ impl Workload for FanoutClient {
     fn own_added(&self) -> u64 {
         self.own_added
     }
+    fn url_index(&self) -> usize {
+        self.url
+    }
     fn on_attempt(&mut self, _now: Instant) {
         self.attempts += 1;
     }
     fn on_connected(&mut self, base_time: i64, server_node: &str, _now: Instant) {
+        self.shared.node_of[self.index].store(self.url, Ordering::Relaxed);
+        if self.closed_at_us.is_some() && self.reconnected_at_us.is_none() {
+            self.reconnected_at_us = Some(wall_us());
+        }
+        self.subscribed_here = false;
         self.base_time = base_time;
         self.server_node = server_node.to_owned();
         self.connected = true;
@@ -233,7 +309,10 @@ impl Workload for FanoutClient {
             self.own_added += 1;
             let mut frame = SyncFrame::new(self.own_added);
             frame.push(
-                &proto::subscribe_action(&self.shared.channel_json, self.since.as_ref()),
+                &proto::subscribe_action(
+                    &self.shared.channel_json[self.room()],
+                    self.since.as_ref(),
+                ),
                 &proto::own_meta(ms, seq, self.base_time),
             );
             self.sub = Some((ms, seq));
@@ -324,6 +403,7 @@ impl Workload for FanoutClient {
                                 self.since = Some((id, time + self.base_time));
                             }
                         }
+                        self.subscribed_here = true;
                         if !self.subscribed {
                             self.subscribed = true;
                             let count = self.shared.subscribed.fetch_add(1, Ordering::AcqRel) + 1;
@@ -357,7 +437,11 @@ impl Workload for FanoutClient {
                 }
                 t if t == self.shared.action_type => {
                     let n = action.get("n").and_then(Value::as_u64).unwrap_or(u64::MAX);
-                    if n >= total || n as usize / per_client == self.index {
+                    let sender = (n as usize) / per_client;
+                    if n >= total
+                        || sender == self.index
+                        || sender % self.shared.rooms != self.room()
+                    {
                         self.unexpected += 1;
                         continue;
                     }
@@ -373,13 +457,20 @@ impl Workload for FanoutClient {
                         .get("sent_at_ms")
                         .and_then(Value::as_f64)
                         .map_or(now_us, |ms| (ms * 1000.0) as u64);
-                    self.latencies_us
-                        .push(now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32);
+                    let latency = now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32;
+                    // The sender's node as it is now (it may have moved since, with
+                    // --failover; its node changes only on a reconnect).
+                    if self.shared.node_of[sender].load(Ordering::Relaxed) == self.url {
+                        self.latencies_us.push(latency);
+                    } else {
+                        self.cross_latencies_us.push(latency);
+                    }
                     self.last_delivery = Some(now);
                 }
                 other => self.shared.ctx.errors.add(&format!("received:{other}")),
             }
         }
+        self.check_resynced();
         self.check_done();
     }
     fn on_synced(&mut self, added: u64, _now: Instant) {
@@ -391,9 +482,22 @@ impl Workload for FanoutClient {
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
         }
+        self.check_resynced();
         self.check_done();
     }
     fn on_closed(&mut self, _now: Instant) {
+        // `on_closed` also runs after our own stop; only a drop while running counts.
+        if self.connected
+            && !self.shared.stopping.load(Ordering::Relaxed)
+            && self.closed_at_us.is_none()
+        {
+            self.closed_at_us = Some(wall_us());
+            self.pending_at_close = self.acts.len();
+        }
+        if self.shared.failover {
+            self.url = (self.url + 1) % self.shared.urls;
+        }
+        self.subscribed_here = false;
         self.connected = false;
         for act in &mut self.acts {
             act.in_sync = 0;
@@ -410,7 +514,8 @@ impl Workload for FanoutClient {
 /// Runs the scenario.
 pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
     let common = &args.common;
-    let setup = Setup::new(common)?;
+    let setup = Setup::new_multi(common)?;
+    let urls = setup.ctx.connectors.len();
     let c = args.clients;
     let m = args.actions;
     if c < 2 {
@@ -422,7 +527,17 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
     if args.window == 0 {
         return Err("--window must be at least 1".into());
     }
-    let expected = (c as u64) * (c as u64 - 1) * m as u64;
+    if args.rooms == 0 || args.rooms > c {
+        return Err("--rooms must be 1..=--clients".into());
+    }
+    let rooms = args.rooms;
+    // Σ over clients of (members of its room − 1)·M; C·(C−1)·M with one room.
+    let expected: u64 = (0..rooms)
+        .map(|r| {
+            let k = room_members(c, rooms, r) as u64;
+            k * k.saturating_sub(1) * m as u64
+        })
+        .sum();
     if expected > FANOUT_DELIVERIES_MAX {
         return Err(format!(
             "clients·(clients−1)·actions = {expected} deliveries is over the limit of {FANOUT_DELIVERIES_MAX}"
@@ -436,14 +551,31 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
     setup.check_fds(c as u64, &format!("fanout with {c} clients"))?;
     let ctx = setup.ctx.clone();
     let deadline = setup.deadline;
-    let pid = common.server_pid;
-    let room = format!("{}-fanout", setup.run_id);
+    let pid = setup.server_pids;
+    let nats = setup.nats_pids;
+    // One room keeps the old name; several are numbered.
+    let room_names: Vec<String> = if rooms == 1 {
+        vec![format!("{}-fanout", setup.run_id)]
+    } else {
+        (0..rooms)
+            .map(|r| format!("{}-fanout-{r}", setup.run_id))
+            .collect()
+    };
+    let room = room_names[0].clone();
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         type_json: setup.type_json.clone(),
         action_type: common.action_type.clone(),
-        channel_json: proto::json_str(&format!("{}{room}", common.channel_prefix)),
-        room_json: proto::json_str(&room),
+        channel_json: room_names
+            .iter()
+            .map(|r| proto::json_str(&format!("{}{r}", common.channel_prefix)))
+            .collect(),
+        room_json: room_names.iter().map(|r| proto::json_str(r)).collect(),
+        rooms,
+        urls,
+        failover: args.failover,
+        node_of: (0..c).map(|i| AtomicUsize::new(i % urls)).collect(),
+        stopping: AtomicBool::new(false),
         clients: c,
         actions: m,
         window: args.window,
@@ -455,12 +587,15 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         deliveries: AtomicU64::new(0),
         processed: AtomicU64::new(0),
     });
+    let url_list: Vec<String> = ctx.connectors.iter().map(|k| k.target.url.clone()).collect();
     eprintln!(
-        "ferry-bench fanout: run {} against {}: {c} clients x {m} actions in room {room}, window {}, rate {}",
+        "ferry-bench fanout: run {} against {}: {c} clients x {m} actions in {} (first {room}), window {}, rate {}{}",
         setup.run_id,
-        ctx.connector.target.url,
+        url_list.join(", "),
+        if rooms == 1 { "one room".to_owned() } else { format!("{rooms} rooms") },
         args.window,
-        args.rate.map_or_else(|| "max".to_owned(), |r| format!("{r}/s"))
+        args.rate.map_or_else(|| "max".to_owned(), |r| format!("{r}/s")),
+        if args.failover { ", failover" } else { "" }
     );
     let (stop_tx, stop) = Stop::new();
     let words = (c * m).div_ceil(64);
@@ -491,7 +626,16 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             received_count: 0,
             duplicated_received: 0,
             unexpected: 0,
-            latencies_us: Vec::with_capacity((c - 1) * m),
+            latencies_us: Vec::with_capacity(
+                (room_members(c, rooms, i % rooms) - 1) * m / if urls > 1 { 2 } else { 1 },
+            ),
+            cross_latencies_us: Vec::new(),
+            url: i % urls,
+            subscribed_here: false,
+            closed_at_us: None,
+            reconnected_at_us: None,
+            pending_at_close: 0,
+            resynced_at_us: None,
             ack_latencies_us: Vec::with_capacity(m),
             last_delivery: None,
             last_processed: None,
@@ -537,7 +681,8 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         subscribe_ms
     );
     // Phase 2: send.
-    let cpu_send_start = pid.and_then(|p| sys::cpu_times(&p.to_string()));
+    let cpu_send_start = pid.and_then(sys::pids_cpu);
+    let nats_send_start = nats.and_then(sys::pids_cpu);
     let start = Instant::now();
     shared.started.store(true, Ordering::Release);
     let progress = {
@@ -561,7 +706,9 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         }
     }
     let send_elapsed = start.elapsed();
-    let cpu_send_end = pid.and_then(|p| sys::cpu_times(&p.to_string()));
+    let cpu_send_end = pid.and_then(sys::pids_cpu);
+    let nats_send_end = nats.and_then(sys::pids_cpu);
+    shared.stopping.store(true, Ordering::Release);
     let _ = stop_tx.send(true);
     let mut clients = Vec::with_capacity(c);
     for handle in handles {
@@ -597,10 +744,59 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         Some(s) if s > 0.0 => json!(sys::round3(count as f64 / s)),
         _ => Value::Null,
     };
-    let mut latencies: Vec<u64> = clients
+    let mut same_latencies: Vec<u64> = clients
         .iter()
         .flat_map(|f| f.latencies_us.iter().map(|us| u64::from(*us)))
         .collect();
+    let mut cross_latencies: Vec<u64> = clients
+        .iter()
+        .flat_map(|f| f.cross_latencies_us.iter().map(|us| u64::from(*us)))
+        .collect();
+    let mut latencies: Vec<u64> = same_latencies
+        .iter()
+        .chain(cross_latencies.iter())
+        .copied()
+        .collect();
+    // Clients whose connection dropped during the run: close → synchronized again.
+    let dropped: Vec<&FanoutClient> = clients.iter().filter(|f| f.closed_at_us.is_some()).collect();
+    let mut resync_us: Vec<u64> = dropped
+        .iter()
+        .filter_map(|f| Some(f.resynced_at_us?.saturating_sub(f.closed_at_us?)))
+        .collect();
+    let mut reconnect_us: Vec<u64> = dropped
+        .iter()
+        .filter_map(|f| Some(f.reconnected_at_us?.saturating_sub(f.closed_at_us?)))
+        .collect();
+    let mut catch_up_us: Vec<u64> = dropped
+        .iter()
+        .filter_map(|f| Some(f.resynced_at_us?.saturating_sub(f.reconnected_at_us?)))
+        .collect();
+    let wall_ms_of = |us: Option<u64>| us.map_or(Value::Null, |us| json!(us as f64 / 1000.0));
+    let reconnected = json!({
+        "clients": dropped.len(),
+        "not_resynchronized": dropped.iter().filter(|f| f.resynced_at_us.is_none()).count(),
+        "first_close_wall_ms": wall_ms_of(dropped.iter().filter_map(|f| f.closed_at_us).min()),
+        "last_close_wall_ms": wall_ms_of(dropped.iter().filter_map(|f| f.closed_at_us).max()),
+        "last_resynchronized_wall_ms": wall_ms_of(dropped.iter().filter_map(|f| f.resynced_at_us).max()),
+        "close_to_resynchronized_ms": stats::summary_ms(&mut resync_us, stats::P50_P99),
+        "close_to_connected_ms": stats::summary_ms(&mut reconnect_us, stats::P50_P99),
+        "connected_to_resynchronized_ms": stats::summary_ms(&mut catch_up_us, stats::P50_P99),
+        "on_url_at_end": (0..urls)
+            .map(|u| clients.iter().filter(|f| f.url == u).count())
+            .collect::<Vec<_>>(),
+    });
+    let cpu_by_pid = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
+        (Some(a), Some(b)) => json!(b
+            .since_each(a)
+            .into_iter()
+            .map(|t| t.map(|t| sys::round3(t.total_s())))
+            .collect::<Vec<_>>()),
+        _ => Value::Null,
+    };
+    let cpu_sum = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
+        (Some(a), Some(b)) => json!(sys::round3(b.since(a).total_s())),
+        _ => Value::Null,
+    };
     let mut ack_latencies: Vec<u64> = clients
         .iter()
         .flat_map(|f| f.ack_latencies_us.iter().map(|us| u64::from(*us)))
@@ -618,8 +814,12 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             "actions": m,
             "rate": args.rate,
             "window": args.window,
+            "rooms": rooms,
+            "failover": args.failover,
             "timeout_s": common.timeout_s,
         },
+        "urls": url_list,
+        "clients_per_url": (0..urls).map(|u| (0..c).filter(|i| i % urls == u).count()).collect::<Vec<_>>(),
         "subscribe_ms": sys::round3(subscribe_ms),
         "send_ms": sys::round3(send_elapsed.as_secs_f64() * 1000.0),
         "actions_sent": sent,
@@ -637,17 +837,25 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         },
         "unexpected_deliveries": unexpected,
         "latency_ms": stats::summary_ms(&mut latencies, stats::P50_P99_P999),
+        "latency_same_node_ms": stats::summary_ms(&mut same_latencies, stats::P50_P99_P999),
+        "latency_cross_node_ms": stats::summary_ms(&mut cross_latencies, stats::P50_P99_P999),
         "processed_latency_ms": stats::summary_ms(&mut ack_latencies, stats::P50_P99_P999),
         "reconnects": reconnects,
+        "reconnected": reconnected,
         "errors": ctx.errors.to_json(),
         "server": pid.map(|pid| json!({
-            "pid": pid,
+            "pid": pid.first(),
+            "pids": pid.list(),
             "peak_rss_bytes": server_peak,
-            "cpu_s_sending": match (cpu_send_start, cpu_send_end) {
-                (Some(a), Some(b)) => json!(sys::round3(b.since(&a).total_s())),
-                _ => Value::Null,
-            },
+            "cpu_s_sending": cpu_sum(&cpu_send_start, &cpu_send_end),
+            "cpu_s_sending_by_pid": cpu_by_pid(&cpu_send_start, &cpu_send_end),
             "cpu_s": setup.server_cpu_s(common),
+        })),
+        "nats": nats.map(|nats| json!({
+            "pids": nats.list(),
+            "cpu_s_sending": cpu_sum(&nats_send_start, &nats_send_end),
+            "cpu_s_sending_by_pid": cpu_by_pid(&nats_send_start, &nats_send_end),
+            "cpu_s": setup.nats_cpu_s(),
         })),
         "generator": setup.generator_json(common),
     });

@@ -114,7 +114,7 @@ pub async fn run(args: IdleArgs) -> Result<Outcome, String> {
     }
     let ctx: Arc<ClientCtx> = setup.ctx.clone();
     let deadline = setup.deadline;
-    let pid = common.server_pid;
+    let pid = sys::Pids::new(&common.server_pid);
     let shared = Arc::new(Shared {
         connected: AtomicUsize::new(0),
         clients: n,
@@ -259,7 +259,8 @@ pub async fn run(args: IdleArgs) -> Result<Outcome, String> {
         "reconnects": reconnects,
         "errors": ctx.errors.to_json(),
         "server": pid.map(|pid| json!({
-            "pid": pid,
+            "pid": pid.first(),
+            "pids": pid.list(),
             "rss_before_bytes": rss_before,
             "rss_connected_bytes": rss_connected,
             "rss_after_close_bytes": rss_after_close,

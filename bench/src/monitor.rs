@@ -55,7 +55,7 @@ pub struct MonitorConfig {
     /// Time between two pings of one pinger.
     pub ping_interval: Duration,
     /// The server process to sample.
-    pub server_pid: Option<u32>,
+    pub server_pid: Option<sys::Pids>,
     /// Node id prefix: pinger `j` is `<prefix>pinger<j>:<run>:t1`.
     pub user_prefix: String,
     /// The run id.
@@ -240,7 +240,8 @@ async fn monitor_main(
         });
     }
     let ctx = Arc::new(ClientCtx {
-        connector,
+        connector: connector.clone(),
+        connectors: vec![connector],
         connect_slots: Arc::new(Semaphore::new(cfg.pingers.max(1))),
         errors: Arc::new(ErrorCounts::default()),
         token: cfg.token.clone(),

@@ -204,8 +204,8 @@ fn io_error(error: std::io::Error) -> OpenError {
 pub struct Connector {
     /// The server.
     pub target: Target,
-    /// Source addresses.
-    pub sources: SourcePool,
+    /// Source addresses (shared by the connectors of one run).
+    pub sources: std::sync::Arc<SourcePool>,
     /// Deadline for the TCP connect plus the HTTP upgrade.
     pub connect_timeout: Duration,
 }

@@ -457,7 +457,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
     let total_actions = n as u64 * k as u64 * u64::from(args.repeat);
     let ctx = setup.ctx.clone();
     let deadline = setup.deadline;
-    let pid = common.server_pid;
+    let pid = sys::Pids::new(&common.server_pid);
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         type_json: setup.type_json.clone(),
@@ -547,7 +547,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         shared.synchronized.store(0, Ordering::Relaxed);
         monitor.set_phase(monitor::phase::storm(round));
         monitor.take_window_peak();
-        let cpu_storm_start = pid.and_then(|p| sys::cpu_times(&p.to_string()));
+        let cpu_storm_start = pid.and_then(sys::pids_cpu);
         let attempts_before = ctx.connect_attempts.load(Ordering::Relaxed);
         let round_start = Instant::now();
         let now_ms = wall_ms();
@@ -592,7 +592,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         }
         let storm_elapsed = round_start.elapsed();
         let storm_rss_peak = monitor.take_window_peak();
-        let cpu_disconnect_start = pid.and_then(|p| sys::cpu_times(&p.to_string()));
+        let cpu_disconnect_start = pid.and_then(sys::pids_cpu);
         let synchronized = shared.synchronized.load(Ordering::Relaxed);
         eprintln!(
             "[storm round {}] {} in {:.3}s: {synchronized}/{n} synchronized; mass disconnect",
@@ -623,18 +623,18 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             )
             .await;
         let disconnect_rss_peak = monitor.take_window_peak();
-        let cpu_end = pid.and_then(|p| sys::cpu_times(&p.to_string()));
-        let cpu_seconds = |a: Option<sys::CpuTimes>, b: Option<sys::CpuTimes>| match (a, b) {
+        let cpu_end = pid.and_then(sys::pids_cpu);
+        let cpu_seconds = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
             (Some(a), Some(b)) => Some(b.since(&a).total_s()),
             _ => None,
         };
-        let cpu_delta = |a, b| match cpu_seconds(a, b) {
+        let cpu_delta = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match cpu_seconds(a, b) {
             Some(seconds) => json!(sys::round3(seconds)),
             None => Value::Null,
         };
         // The storm's server CPU per unit of work, so runs of different sizes compare and the
         // server's share stands next to the generator's.
-        let storm_cpu = cpu_seconds(cpu_storm_start, cpu_disconnect_start);
+        let storm_cpu = cpu_seconds(&cpu_storm_start, &cpu_disconnect_start);
         let per = |units: f64| match storm_cpu {
             Some(seconds) if units > 0.0 => json!(sys::round3(seconds / units)),
             _ => Value::Null,
@@ -694,8 +694,8 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             "disconnect_watch_complete": watch_complete,
             "server_peak_rss_bytes": {"storm": storm_rss_peak, "disconnect": disconnect_rss_peak},
             "server_cpu_s": {
-                "storm": cpu_delta(cpu_storm_start, cpu_disconnect_start),
-                "disconnect": cpu_delta(cpu_disconnect_start, cpu_end),
+                "storm": cpu_delta(&cpu_storm_start, &cpu_disconnect_start),
+                "disconnect": cpu_delta(&cpu_disconnect_start, &cpu_end),
                 "storm_per": storm_cpu_per,
             },
         }));
@@ -807,7 +807,8 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         "rounds": rounds,
         "verify": verify.as_ref().map(|v| v.json.clone()),
         "server": pid.map(|pid| json!({
-            "pid": pid,
+            "pid": pid.first(),
+            "pids": pid.list(),
             "peak_rss_bytes": server_peak,
             "rss_before_bytes": rss_before,
             "rss_after_bytes": rss_after,

@@ -56,9 +56,85 @@ pub fn status_bytes(pid: &str, field: &str) -> Option<u64> {
     })
 }
 
-/// The resident set size of a process, in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+/// The resident set size of one process, in bytes.
+pub fn rss_bytes_of(pid: u32) -> Option<u64> {
     status_bytes(&pid.to_string(), "VmRSS")
+}
+
+/// A set of measured processes (`--server-pid` given once or several times). `Copy`, so the
+/// samplers and phases can hold it like a pid; the list lives for the whole run.
+#[derive(Debug, Clone, Copy)]
+pub struct Pids(&'static [u32]);
+
+impl Pids {
+    /// `None` for an empty list.
+    pub fn new(pids: &[u32]) -> Option<Pids> {
+        if pids.is_empty() {
+            return None;
+        }
+        // One small allocation per run, kept until the process exits.
+        Some(Pids(Box::leak(pids.to_vec().into_boxed_slice())))
+    }
+
+    /// The pids.
+    pub fn list(&self) -> &'static [u32] {
+        self.0
+    }
+
+    /// The first pid (the `pid` field of the summaries, as with a single `--server-pid`).
+    pub fn first(&self) -> u32 {
+        self.0[0]
+    }
+}
+
+/// The summed resident set size of `pids`, in bytes (the readable ones; `None` if none is).
+pub fn rss_bytes(pids: Pids) -> Option<u64> {
+    let mut total = None;
+    for pid in pids.list() {
+        if let Some(bytes) = rss_bytes_of(*pid) {
+            total = Some(total.unwrap_or(0) + bytes);
+        }
+    }
+    total
+}
+
+/// CPU times of every pid of `pids` (`None` for one that cannot be read).
+#[derive(Debug, Clone)]
+pub struct CpuSnapshot(Vec<Option<CpuTimes>>);
+
+/// Reads the CPU times of `pids`; `None` when not one of them can be read.
+pub fn pids_cpu(pids: Pids) -> Option<CpuSnapshot> {
+    let times: Vec<Option<CpuTimes>> = pids
+        .list()
+        .iter()
+        .map(|pid| cpu_times(&pid.to_string()))
+        .collect();
+    times.iter().any(Option::is_some).then_some(CpuSnapshot(times))
+}
+
+impl CpuSnapshot {
+    /// Per pid `self - earlier` (`None` for a pid unreadable at either end, e.g. one that
+    /// was killed during the run: its CPU time is then missing from the sum).
+    pub fn since_each(&self, earlier: &CpuSnapshot) -> Vec<Option<CpuTimes>> {
+        self.0
+            .iter()
+            .zip(&earlier.0)
+            .map(|(now, then)| match (now, then) {
+                (Some(now), Some(then)) => Some(now.since(then)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sum over the pids readable at both ends.
+    pub fn since(&self, earlier: &CpuSnapshot) -> CpuTimes {
+        let mut sum = CpuTimes::default();
+        for t in self.since_each(earlier).into_iter().flatten() {
+            sum.user_s += t.user_s;
+            sum.sys_s += t.sys_s;
+        }
+        sum
+    }
 }
 
 /// The soft and hard "Max open files" limits of this process (`None` = unlimited).
