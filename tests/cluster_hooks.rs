@@ -249,7 +249,6 @@ async fn api_post(port: u16, path: &str, body: &str) -> u16 {
 // (not held, and not remembered, since no catch-up has run) and then sent again by the
 // catch-up, which reads up to the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: connect_catchup waits for Cluster::caught_up before CatchupPending, so targeted entries applied meanwhile are sent live and again by the catch-up"]
 async fn a_client_connecting_while_the_view_catches_up_gets_each_targeted_action_once() {
     let nats = NatsCluster::start(3).await;
     let root = tempfile::tempdir().expect("tempdir");

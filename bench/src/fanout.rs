@@ -587,7 +587,11 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         deliveries: AtomicU64::new(0),
         processed: AtomicU64::new(0),
     });
-    let url_list: Vec<String> = ctx.connectors.iter().map(|k| k.target.url.clone()).collect();
+    let url_list: Vec<String> = ctx
+        .connectors
+        .iter()
+        .map(|k| k.target.url.clone())
+        .collect();
     eprintln!(
         "ferry-bench fanout: run {} against {}: {c} clients x {m} actions in {} (first {room}), window {}, rate {}{}",
         setup.run_id,
@@ -758,7 +762,10 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         .copied()
         .collect();
     // Clients whose connection dropped during the run: close → synchronized again.
-    let dropped: Vec<&FanoutClient> = clients.iter().filter(|f| f.closed_at_us.is_some()).collect();
+    let dropped: Vec<&FanoutClient> = clients
+        .iter()
+        .filter(|f| f.closed_at_us.is_some())
+        .collect();
     let mut resync_us: Vec<u64> = dropped
         .iter()
         .filter_map(|f| Some(f.resynced_at_us?.saturating_sub(f.closed_at_us?)))

@@ -624,14 +624,16 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
             .await;
         let disconnect_rss_peak = monitor.take_window_peak();
         let cpu_end = pid.and_then(sys::pids_cpu);
-        let cpu_seconds = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
+        let cpu_seconds = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b)
+        {
             (Some(a), Some(b)) => Some(b.since(&a).total_s()),
             _ => None,
         };
-        let cpu_delta = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match cpu_seconds(a, b) {
-            Some(seconds) => json!(sys::round3(seconds)),
-            None => Value::Null,
-        };
+        let cpu_delta =
+            |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match cpu_seconds(a, b) {
+                Some(seconds) => json!(sys::round3(seconds)),
+                None => Value::Null,
+            };
         // The storm's server CPU per unit of work, so runs of different sizes compare and the
         // server's share stands next to the generator's.
         let storm_cpu = cpu_seconds(&cpu_storm_start, &cpu_disconnect_start);

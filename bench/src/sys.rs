@@ -109,7 +109,10 @@ pub fn pids_cpu(pids: Pids) -> Option<CpuSnapshot> {
         .iter()
         .map(|pid| cpu_times(&pid.to_string()))
         .collect();
-    times.iter().any(Option::is_some).then_some(CpuSnapshot(times))
+    times
+        .iter()
+        .any(Option::is_some)
+        .then_some(CpuSnapshot(times))
 }
 
 impl CpuSnapshot {

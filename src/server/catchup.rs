@@ -18,12 +18,15 @@ impl Worker {
     pub(super) async fn connect_catchup(&self) -> Result<(), PipelineError> {
         let ids = &self.conn.ids;
         let log = &self.server.log;
+        // Opened before the cluster wait: what the view applies meanwhile is held and merged,
+        // not sent live and then again by the catch-up.
+        self.send(Outbound::CatchupPending).await?;
         if let Some(cluster) = &self.server.cluster {
             // Read-your-writes across nodes: what the client wrote through another node
-            // before it came here is in the stream, and must be in this view first.
+            // before it came here is in the stream, and must be in this view first. A
+            // failure closes the connection (without an error), and with it the catch-up.
             cluster.caught_up(log, self.connect_synced).await?;
         }
-        self.send(Outbound::CatchupPending).await?;
         let head = log.head();
         let mut after = self.connect_synced;
         let limit = self.server.config.limits.connect_catchup_max;
