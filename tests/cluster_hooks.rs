@@ -170,23 +170,7 @@ async fn a_process_task_whose_node_is_killed_mid_call_finishes_once_on_another_n
     // what the log holds (a connect racing with the append is the next test's subject).
     drop(buyer);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let mut back = Client::connect(nodes[survivor].port(), "10:buyer:1", 0)
-        .await
-        .expect("reconnect");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while answers_to(&back, "logux/processed", &key) == 0 {
-        if back.next_frame(deadline).await.is_none() {
-            break;
-        }
-    }
-    drain(&mut back, Duration::from_millis(700)).await;
-    assert_eq!(
-        answers_to(&back, "logux/processed", &key),
-        1,
-        "one processed on the survivor: {:?}\n{}",
-        back.received,
-        nodes[survivor].log_tail()
-    );
+    let back = processed_on(&nodes[survivor], &key, "survivor").await;
     assert_eq!(back.count("order/status"), 1, "{:?}", back.received);
     drop(back);
 
@@ -195,23 +179,7 @@ async fn a_process_task_whose_node_is_killed_mid_call_finishes_once_on_another_n
     // Let its view catch up and a resumed loop (its task may still be on its disk) call
     // again: the result of such a second call must not be stored.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let mut there = Client::connect(nodes[held].port(), "10:buyer:1", 0)
-        .await
-        .expect("connect to the restarted node");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while answers_to(&there, "logux/processed", &key) == 0 {
-        if there.next_frame(deadline).await.is_none() {
-            break;
-        }
-    }
-    drain(&mut there, Duration::from_millis(700)).await;
-    assert_eq!(
-        answers_to(&there, "logux/processed", &key),
-        1,
-        "one processed on the restarted node: {:?}\n{}",
-        there.received,
-        nodes[held].log_tail()
-    );
+    let there = processed_on(&nodes[held], &key, "restarted node").await;
     assert_eq!(there.count("order/status"), 1, "{:?}", there.received);
     let mut again = Client::connect(nodes[survivor].port(), "10:buyer:1", 0)
         .await
@@ -666,4 +634,27 @@ async fn a_single_node_data_directory_is_refused_by_a_cluster_node_and_the_rever
     let ferry = Ferry::start(&single, &plain_config).await;
     drop(ferry);
     nodes[0].start().await;
+}
+
+/// The author `10:buyer:1` connects from scratch to `node`: its `logux/processed` for
+/// `key` comes on the connect catch-up, exactly once.
+async fn processed_on(node: &support::cluster::Node, key: &str, which: &str) -> Client {
+    let mut client = Client::connect(node.port(), "10:buyer:1", 0)
+        .await
+        .expect("connect the author");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while answers_to(&client, "logux/processed", key) == 0 {
+        if client.next_frame(deadline).await.is_none() {
+            break;
+        }
+    }
+    drain(&mut client, Duration::from_millis(700)).await;
+    assert_eq!(
+        answers_to(&client, "logux/processed", key),
+        1,
+        "one processed on the {which}: {:?}\n{}",
+        client.received,
+        node.log_tail()
+    );
+    client
 }

@@ -85,20 +85,7 @@ pub async fn start_nodes(
     nats: &NatsCluster,
     extra: &str,
 ) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for i in 0..count {
-        let dir = root.join(format!("node{i}"));
-        let config = root.join(format!("node{i}.toml"));
-        write_config(&config, rules, nats, "ferry", extra);
-        let mut node = Node {
-            dir,
-            config,
-            ferry: None,
-        };
-        node.start().await;
-        nodes.push(node);
-    }
-    nodes
+    start_nodes_each(root, count, |_| rules.to_owned(), nats, extra).await
 }
 
 /// Waits until `/ready` answers 200 (the node connected and applies the stream).
