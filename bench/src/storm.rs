@@ -626,7 +626,7 @@ pub async fn run(args: StormArgs) -> Result<Outcome, String> {
         let cpu_end = pid.and_then(sys::pids_cpu);
         let cpu_seconds = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b)
         {
-            (Some(a), Some(b)) => Some(b.since(&a).total_s()),
+            (Some(a), Some(b)) => Some(b.since(a).total_s()),
             _ => None,
         };
         let cpu_delta =
