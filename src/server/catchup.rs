@@ -18,9 +18,10 @@ impl Worker {
     pub(super) async fn connect_catchup(&self) -> Result<(), PipelineError> {
         let ids = &self.conn.ids;
         let log = &self.server.log;
-        // Opened before the cluster wait: what the view applies meanwhile is held and merged,
-        // not sent live and then again by the catch-up.
-        self.send(Outbound::CatchupPending).await?;
+        // The connection opened this catch-up when it registered in the hub
+        // (`Connection::finish_auth`): live entries delivered from then on (also while the
+        // cluster wait below runs) are held and merged, never sent before the catch-up and
+        // again by it.
         if let Some(cluster) = &self.server.cluster {
             // Read-your-writes across nodes: what the client wrote through another node
             // before it came here is in the stream, and must be in this view first. A

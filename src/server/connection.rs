@@ -623,6 +623,9 @@ impl Connection {
         };
         let limits = &self.server.config.limits;
         let (outbox_tx, outbox_rx) = mpsc::channel(limits.outbox_len);
+        // The first worker's connect catch-up is open from the moment the hub can deliver:
+        // it closes it with `CatchupDone` (or the connection closes).
+        self.catchups_open += 1;
         let handle = self.server.hub.register(remote.ids.clone(), outbox_tx);
         if let Some(kicks) = &self.server.kicks {
             kicks.announce(&remote.ids.client_id);
