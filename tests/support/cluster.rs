@@ -371,3 +371,49 @@ pub async fn run_to_exit(dir: &Path, config: &Path, wait: Duration) -> Exited {
     );
     Exited { status, output }
 }
+
+impl Node {
+    /// Starts (or restarts) the node without waiting for `/ready`: a node whose view is far
+    /// behind the stream is not ready until it caught up, which a test may want to watch.
+    pub async fn start_unready(&mut self) {
+        let log = self.dir.with_extension("log");
+        let ferry = Ferry::start_logging(&self.dir, &self.config, Some(&log)).await;
+        self.ferry = Some(ferry);
+    }
+
+    /// Keeps a copy of the node's log as `<node dir>.<tag>.log` (a restart truncates it).
+    pub fn keep_log(&self, tag: &str) {
+        let log = self.dir.with_extension("log");
+        let _ = std::fs::copy(&log, self.dir.with_extension(format!("{tag}.log")));
+    }
+
+    /// The node's whole log, kept copies (`keep_log`) first, for failure messages.
+    pub fn full_log(&self) -> String {
+        let mut text = String::new();
+        if let (Some(parent), Some(name)) = (self.dir.parent(), self.dir.file_name()) {
+            let prefix = format!("{}.", name.to_string_lossy());
+            let mut kept: Vec<PathBuf> = std::fs::read_dir(parent)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.file_name().is_some_and(|file| {
+                        let file = file.to_string_lossy();
+                        file.starts_with(&prefix)
+                            && file.ends_with(".log")
+                            && file.matches('.').count() == 2
+                    })
+                })
+                .collect();
+            kept.sort();
+            for path in kept {
+                text.push_str(&format!("--- {} ---\n", path.display()));
+                text.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+        text.push_str(&format!("--- {} (current) ---\n", self.dir.display()));
+        text.push_str(&std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default());
+        text
+    }
+}
