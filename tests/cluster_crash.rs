@@ -767,7 +767,6 @@ async fn a_restarted_node_far_behind_the_stream_is_not_ready_until_its_view_is_c
 const OUTAGE_DEADLINE_MS: u64 = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug (reported): appends queued behind one that failed past append_deadline_ms are still published, so a client's later actions are stored before its earlier ones that it re-sends; fails about one run in three"]
 async fn appends_queued_behind_one_that_failed_past_the_deadline_are_not_stored_before_it() {
     let _serial = SERIAL.lock().await;
     let mut nats = NatsCluster::start(1).await;

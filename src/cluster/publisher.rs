@@ -51,12 +51,28 @@ impl Publisher {
                     Err(_) => break,
                 }
             }
-            self.publish_group(group).await;
+            if !self.publish_group(group).await {
+                // The appends queued behind a failed group come from the same clients (their
+                // connections are closing now): publishing them would store a client's later
+                // actions before the earlier ones it is about to re-send.
+                let mut behind = Vec::new();
+                while let Ok(append) = appends.try_recv() {
+                    behind.push(append);
+                }
+                if !behind.is_empty() {
+                    self.metrics.append_failures.inc_by(behind.len() as u64);
+                    for append in behind {
+                        append.finish(Err(LogError::Unavailable(
+                            "an earlier append to the stream failed".to_owned(),
+                        )));
+                    }
+                }
+            }
         }
     }
 
-    /// Publishes one group and answers each of its appends.
-    async fn publish_group(&self, group: Vec<Append>) {
+    /// Publishes one group and answers each of its appends; false when it failed.
+    async fn publish_group(&self, group: Vec<Append>) -> bool {
         let started = Instant::now();
         let deadline = started + self.deadline;
         let mut plans: Vec<Vec<Planned>> = group.iter().map(plan).collect();
@@ -74,6 +90,7 @@ impl Publisher {
                     let outcomes = self.outcomes(&append, &acks);
                     append.finish(outcomes);
                 }
+                true
             }
             Err(error) => {
                 self.metrics.append_failures.inc_by(group.len() as u64);
@@ -81,6 +98,7 @@ impl Publisher {
                 for append in group {
                     append.finish(Err(error.clone_error()));
                 }
+                false
             }
         }
     }
