@@ -29,6 +29,10 @@ pub const STREAM_SETTING: &str = "cluster_stream";
 /// How long the NATS client waits for a JetStream answer (an acknowledgement) before the
 /// publisher repeats the publish.
 const JETSTREAM_TIMEOUT_MS: u64 = 2_000;
+/// How long a starting node retries finding or creating the stream before it gives up.
+const START_DEADLINE_MS: u64 = 60_000;
+/// Pause between two of those attempts.
+const START_RETRY_MS: u64 = 1_000;
 /// Attempts to find or publish the stream's epoch record at start.
 const EPOCH_ATTEMPTS_MAX: usize = 20;
 /// Pause between two of them.
@@ -152,41 +156,35 @@ impl Cluster {
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(JETSTREAM_TIMEOUT_MS))
             .build(client.clone());
-        let stream_error = |reason: String| ClusterError::Stream {
-            stream: config.stream.clone(),
-            reason,
+        let node_uid = ulid::Ulid::new().to_string().to_lowercase();
+        // JetStream may still be electing leaders when the node starts (all of a cluster
+        // coming up at once): retry for a while instead of exiting at the first timeout.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(START_DEADLINE_MS);
+        let (stream, identity, leases) = loop {
+            match open_stream(&jetstream, config, &node_uid).await {
+                Ok(opened) => break opened,
+                Err(reason) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%reason, stream = %config.stream, "the stream is not available yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(START_RETRY_MS)).await;
+                }
+                Err(reason) => {
+                    return Err(ClusterError::Stream {
+                        stream: config.stream.clone(),
+                        reason,
+                    })
+                }
+            }
         };
-        let mut stream = jetstream
-            .get_or_create_stream(stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![log_subject(&config.stream)],
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..stream::Config::default()
-            })
-            .await
-            .map_err(|error| stream_error(error.to_string()))?;
-        let epoch = stream_epoch(&jetstream, &mut stream)
-            .await
-            .map_err(stream_error)?;
-        let identity = format!("{} {epoch}", config.stream);
-        let last_sequence = stream
-            .info()
-            .await
-            .map_err(|error| stream_error(error.to_string()))?
-            .state
-            .last_sequence;
-        state.saw_head(last_sequence);
+        let mut info_stream = stream.clone();
+        if let Ok(info) = info_stream.info().await {
+            state.saw_head(info.state.last_sequence);
+        }
         let max_payload = client.server_info().max_payload;
         tracing::info!(
             stream = %config.stream,
             max_payload,
             "cluster: one stream message per log entry; an entry larger than the NATS max_payload cannot be stored in cluster mode"
         );
-        let node_uid = ulid::Ulid::new().to_string().to_lowercase();
-        let leases = lease::Leases::open(&jetstream, config, node_uid.clone())
-            .await
-            .map_err(|reason| stream_error(format!("lease bucket: {reason}")))?;
         Ok(Cluster {
             config: config.clone(),
             client,
@@ -378,6 +376,30 @@ async fn probe(stream: stream::Stream, log: Log, state: Arc<State>, metrics: Clu
         }
         state.update_lag(log.head(), &metrics);
     }
+}
+
+/// Finds or creates the stream, reads (or writes) its epoch record and opens the buckets:
+/// the stream, `<name> <epoch>`, and the leases.
+async fn open_stream(
+    jetstream: &jetstream::Context,
+    config: &ClusterConfig,
+    node_uid: &str,
+) -> Result<(stream::Stream, String, lease::Leases), String> {
+    let mut stream = jetstream
+        .get_or_create_stream(stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![log_subject(&config.stream)],
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            ..stream::Config::default()
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    let epoch = stream_epoch(jetstream, &mut stream).await?;
+    let leases = lease::Leases::open(jetstream, config, node_uid.to_owned())
+        .await
+        .map_err(|reason| format!("lease bucket: {reason}"))?;
+    Ok((stream, format!("{} {epoch}", config.stream), leases))
 }
 
 /// The stream's epoch: the name in its first message, which the first node to find the

@@ -72,7 +72,8 @@ impl Ferry {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || forward_output(stdout, file, port_tx));
         let mut ferry = Ferry { child, port: 0 };
-        for _ in 0..400 {
+        // 30 s: a cluster node may wait for JetStream leaders while a loaded machine starts.
+        for _ in 0..1200 {
             match port_rx.try_recv() {
                 Ok(port) => {
                     ferry.port = port;
