@@ -271,3 +271,59 @@ async fn an_action_added_through_the_server_api_of_one_node_reaches_subscribers_
     while reader.next_frame(deadline).await.is_some() {}
     assert_eq!(reader.count("order/status"), 1, "delivered once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_re_sent_to_another_node_after_the_duplicate_window_is_stored_and_delivered_once()
+{
+    let nats = NatsCluster::start(3).await;
+    // The stream exists before Ferry starts, with a 1 s duplicate window, so the re-send
+    // below is beyond it and only the views' id index can catch it.
+    let client = async_nats::connect(nats.urls()).await.expect("nats");
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ferry".to_owned(),
+            subjects: vec!["ferry.log".to_owned()],
+            num_replicas: 3,
+            duplicate_window: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    let root = tempfile::tempdir().expect("tempdir");
+    let nodes = start_nodes(root.path(), 2, RULES, &nats, "").await;
+    let mut reader = Client::connect(nodes[1].port(), "d:d:t", 0)
+        .await
+        .expect("reader");
+    assert!(reader.subscribe(1, "room/5", None).await);
+    let mut first = Client::connect(nodes[0].port(), "w:w:t", 0)
+        .await
+        .expect("writer");
+    assert!(first.send_action(7, message("5", 7)).await);
+    assert!(first.wait_acked(7, WAIT).await);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut again = Client::connect(nodes[1].port(), "w:w:t", 0)
+        .await
+        .expect("writer again");
+    assert!(again.send_action(7, message("5", 7)).await);
+    assert!(
+        again.wait_acked(7, WAIT).await,
+        "the re-send is acknowledged"
+    );
+    assert!(reader.wait_received("room/message", 1, WAIT).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+    while reader.next_frame(deadline).await.is_some() {}
+    assert_eq!(reader.numbers(), vec![7], "delivered once");
+    // And a late reader on either node finds it once (each its own client id: a second
+    // subscribe with the same action id would be a re-send, not a new subscription).
+    for (i, node) in nodes.iter().enumerate() {
+        let mut late = Client::connect(node.port(), &format!("l{i}:l{i}:t"), 0)
+            .await
+            .expect("late");
+        assert!(late.subscribe(1, "room/5", None).await);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while late.next_frame(deadline).await.is_some() {}
+        assert_eq!(late.numbers(), vec![7], "stored once on node {i}");
+    }
+}

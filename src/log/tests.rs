@@ -951,3 +951,132 @@ async fn every_durable_record_is_counted_once() {
     log.put_setting("cursor", "1").await.expect("setting");
     assert_eq!(recorder.written.lock().expect("written lock").records, 5);
 }
+
+/// A replicated message with an entry at `seq`.
+fn replicated(seq: u64, entry: Entry) -> Replicated {
+    Replicated {
+        seq,
+        entry: Some(entry),
+        ..Replicated::default()
+    }
+}
+
+async fn apply_all(log: &Log, messages: Vec<Replicated>) -> Vec<AppendOutcome> {
+    log.apply(messages)
+        .await
+        .expect("queued")
+        .outcomes()
+        .await
+        .expect("applied")
+}
+
+#[tokio::test]
+async fn replicated_messages_are_stored_at_their_sequences_and_duplicates_beyond_the_window_are_skipped(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path());
+    let outcomes = apply_all(
+        &log,
+        vec![
+            replicated(2, in_channels("1 a:b:c 0", &["room/1"])),
+            replicated(5, entry("2 a:b:c 0")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Appended(2), AppendOutcome::Appended(5)]
+    );
+    assert_eq!(log.head(), 5, "the head is the last sequence applied");
+    // The same id again, later in the stream (another node's re-send after the window).
+    let outcomes = apply_all(&log, vec![replicated(9, entry("1 a:b:c 0"))]).await;
+    assert_eq!(outcomes, vec![AppendOutcome::Duplicate(2)]);
+    assert_eq!(log.head(), 9, "a skipped message still moves the head");
+    assert!(
+        log.entry_at(9).expect("read").is_none(),
+        "nothing stored at 9"
+    );
+    let history = log.channel_tail("room/1", log.head(), 10).expect("channel");
+    assert_eq!(positions(&history), vec![2]);
+    // A replay of applied sequences (after a restart) changes nothing.
+    let outcomes = apply_all(&log, vec![replicated(5, entry("3 a:b:c 0"))]).await;
+    assert_eq!(outcomes, vec![AppendOutcome::Duplicate(5)]);
+    assert_eq!(log.added_of("3 a:b:c 0").expect("read"), None);
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(log.head(), 9, "the applied sequence survives a reopen");
+    log.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_replicated_answer_is_kept_only_if_its_action_was_stored_at_the_named_sequence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path());
+    let mut answer = entry("10 server:x 0");
+    answer.meta.fresh_id = true;
+    let first_answer = Replicated {
+        answers: Some(("1 a:b:c 0".to_owned(), 1)),
+        ..replicated(2, answer.clone())
+    };
+    apply_all(&log, vec![replicated(1, entry("1 a:b:c 0")), first_answer]).await;
+    // A re-send beyond the window: the action is a duplicate at 3, so its answer naming 3 is too.
+    let mut second = answer.clone();
+    second.meta.id = "11 server:y 0".to_owned();
+    let outcomes = apply_all(
+        &log,
+        vec![
+            replicated(3, entry("1 a:b:c 0")),
+            Replicated {
+                answers: Some(("1 a:b:c 0".to_owned(), 3)),
+                ..replicated(4, second)
+            },
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Duplicate(1), AppendOutcome::Duplicate(1)]
+    );
+    assert!(
+        log.entry_at(2).expect("read").is_some(),
+        "the first answer is stored"
+    );
+    assert!(
+        log.entry_at(4).expect("read").is_none(),
+        "the second is not"
+    );
+    log.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_task_created_by_a_replicated_message_is_finished_once_even_when_answered_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = open(dir.path());
+    let task = Replicated {
+        task: Some(("q".to_owned(), b"{}".to_vec())),
+        ..replicated(1, entry("1 a:b:c 0"))
+    };
+    apply_all(&log, vec![task]).await;
+    assert_eq!(log.task_count("q").expect("count"), 1);
+    let result = |seq: u64, id: &str| Replicated {
+        requires: Some(("q".to_owned(), 1)),
+        done: vec![("q".to_owned(), 1)],
+        ..replicated(seq, entry(id))
+    };
+    // Two nodes answered the same task; the stream holds both results.
+    let outcomes = apply_all(
+        &log,
+        vec![result(2, "2 server:a 0"), result(3, "3 server:b 0")],
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        vec![AppendOutcome::Appended(2), AppendOutcome::Duplicate(3)]
+    );
+    assert_eq!(log.task_count("q").expect("count"), 0);
+    assert_eq!(
+        log.added_of("3 server:b 0").expect("read"),
+        None,
+        "the second result is dropped"
+    );
+    log.close().await.expect("close");
+}
