@@ -224,22 +224,13 @@ async fn a_node_authenticates_to_nats_with_the_configured_password_file_and_refu
 
 /// A POST to the server API on `port`: status and JSON body.
 async fn api_post(port: u16, path: &str, body: &str, secret: &str) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let headers = format!("Authorization: Bearer {secret}\r\n");
+    let (status, body) = support::cluster::http_request(port, "POST", path, &headers, body)
         .await
-        .expect("tcp");
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {secret}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    let status = text[9..12].parse().expect("status");
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        .expect("the API answers");
     (
         status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     )
 }
 

@@ -189,25 +189,13 @@ async fn a_process_task_whose_node_is_killed_mid_call_finishes_once_on_another_n
     assert!(there.errors.is_empty() && again.errors.is_empty());
 }
 
-/// POSTs `body` to a node's server API with the back-end secret.
+/// POSTs `body` to a node's server API with the back-end secret; its status (0 when the
+/// node did not answer).
 async fn api_post(port: u16, path: &str, body: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return 0;
-    };
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {SECRET}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return 0;
-    }
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text).await;
-    text.get(9..12)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0)
+    let headers = format!("Authorization: Bearer {SECRET}\r\nContent-Type: application/json\r\n");
+    support::cluster::http_request(port, "POST", path, &headers, body)
+        .await
+        .map_or(0, |(status, _)| status)
 }
 
 // Found by this test: the connect catch-up of a cluster node first waits for its view to
@@ -454,33 +442,10 @@ async fn event_hooks_are_delivered_once_per_action_cluster_wide() {
         .await
         .expect("b");
     const PER_CLIENT: u64 = 30;
-    let send_a = async {
-        for n in 1..=PER_CLIENT {
-            let room = n % 3;
-            assert!(
-                a.send_action(
-                    n,
-                    json!({"type": "room/message", "room": room.to_string(), "n": n})
-                )
-                .await
-            );
-        }
-        assert!(a.wait_acked(PER_CLIENT, WAIT).await);
-    };
-    let send_b = async {
-        for n in 1..=PER_CLIENT {
-            let room = n % 3;
-            assert!(
-                b.send_action(
-                    n,
-                    json!({"type": "room/message", "room": room.to_string(), "n": n})
-                )
-                .await
-            );
-        }
-        assert!(b.wait_acked(PER_CLIENT, WAIT).await);
-    };
-    tokio::join!(send_a, send_b);
+    tokio::join!(
+        send_to_rooms(&mut a, PER_CLIENT),
+        send_to_rooms(&mut b, PER_CLIENT)
+    );
     let mut ids: Vec<String> = (1..=PER_CLIENT).map(|n| a.id_of(n)).collect();
     ids.extend((1..=PER_CLIENT).map(|n| b.id_of(n)));
     let count_ids = || -> HashMap<String, usize> {
@@ -657,4 +622,20 @@ async fn processed_on(node: &support::cluster::Node, key: &str, which: &str) -> 
         node.log_tail()
     );
     client
+}
+
+/// Sends `room/message` 1..=`count` over rooms 0-2 and waits until the last is acknowledged.
+async fn send_to_rooms(client: &mut Client, count: u64) {
+    for n in 1..=count {
+        let room = n % 3;
+        assert!(
+            client
+                .send_action(
+                    n,
+                    json!({"type": "room/message", "room": room.to_string(), "n": n})
+                )
+                .await
+        );
+    }
+    assert!(client.wait_acked(count, WAIT).await);
 }

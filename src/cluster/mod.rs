@@ -160,7 +160,7 @@ impl Cluster {
         // JetStream may still be electing leaders when the node starts (all of a cluster
         // coming up at once): retry for a while instead of exiting at the first timeout.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(START_DEADLINE_MS);
-        let (stream, identity, leases) = loop {
+        let (stream, identity, last_sequence, leases) = loop {
             match open_stream(&jetstream, config, &node_uid).await {
                 Ok(opened) => break opened,
                 Err(reason) if tokio::time::Instant::now() < deadline => {
@@ -175,10 +175,7 @@ impl Cluster {
                 }
             }
         };
-        let mut info_stream = stream.clone();
-        if let Ok(info) = info_stream.info().await {
-            state.saw_head(info.state.last_sequence);
-        }
+        state.saw_head(last_sequence);
         let max_payload = client.server_info().max_payload;
         tracing::info!(
             stream = %config.stream,
@@ -234,7 +231,7 @@ impl Cluster {
     /// Refuses a data directory that belongs to another stream, holds a single-node log, or
     /// is ahead of the stream (the stream was replaced or purged).
     pub async fn check_identity(&self, log: &Log) -> Result<(), ClusterError> {
-        let head = self.state.head.load(Ordering::Acquire);
+        let head = self.state.known_head();
         match log.get_setting(STREAM_SETTING)? {
             Some(identity) if identity == self.identity => {}
             Some(identity) => {
@@ -378,13 +375,16 @@ async fn probe(stream: stream::Stream, log: Log, state: Arc<State>, metrics: Clu
     }
 }
 
-/// Finds or creates the stream, reads (or writes) its epoch record and opens the buckets:
-/// the stream, `<name> <epoch>`, and the leases.
+/// What a starting node finds: the stream, its identity `<name> <epoch>`, its last
+/// sequence, and the lease bucket.
+type Opened = (stream::Stream, String, u64, lease::Leases);
+
+/// Finds or creates the stream, reads (or writes) its epoch record and opens the buckets.
 async fn open_stream(
     jetstream: &jetstream::Context,
     config: &ClusterConfig,
     node_uid: &str,
-) -> Result<(stream::Stream, String, lease::Leases), String> {
+) -> Result<Opened, String> {
     let mut stream = jetstream
         .get_or_create_stream(stream::Config {
             name: config.stream.clone(),
@@ -395,11 +395,16 @@ async fn open_stream(
         })
         .await
         .map_err(|error| error.to_string())?;
-    let epoch = stream_epoch(jetstream, &mut stream).await?;
+    let (epoch, last_sequence) = stream_epoch(jetstream, &mut stream).await?;
     let leases = lease::Leases::open(jetstream, config, node_uid.to_owned())
         .await
         .map_err(|reason| format!("lease bucket: {reason}"))?;
-    Ok((stream, format!("{} {epoch}", config.stream), leases))
+    Ok((
+        stream,
+        format!("{} {epoch}", config.stream),
+        last_sequence,
+        leases,
+    ))
 }
 
 /// The stream's epoch: the name in its first message, which the first node to find the
@@ -408,7 +413,7 @@ async fn open_stream(
 async fn stream_epoch(
     jetstream: &jetstream::Context,
     stream: &mut stream::Stream,
-) -> Result<String, String> {
+) -> Result<(String, u64), String> {
     let name = stream.cached_info().config.name.clone();
     for _ in 0..EPOCH_ATTEMPTS_MAX {
         let info = stream.info().await.map_err(|error| error.to_string())?;
@@ -442,9 +447,10 @@ async fn stream_epoch(
             .map_err(|error| error.to_string())?;
         let record: record::Record = serde_json::from_slice(&message.payload)
             .map_err(|error| format!("its first message is not Ferry's: {error}"))?;
-        return record.epoch.ok_or_else(|| {
+        let epoch = record.epoch.ok_or_else(|| {
             format!("its first message (sequence {first}) is not Ferry's epoch record")
-        });
+        })?;
+        return Ok((epoch, last));
     }
     Err("the stream's epoch record could not be written".to_owned())
 }

@@ -96,7 +96,7 @@ impl Publisher {
                 self.metrics.append_failures.inc_by(group.len() as u64);
                 tracing::warn!(%error, appends = group.len(), "the stream did not take appends before the deadline; their clients re-send");
                 for append in group {
-                    append.finish(Err(error.clone_error()));
+                    append.finish(Err(group_error(&error)));
                 }
                 false
             }
@@ -294,19 +294,14 @@ struct Acked {
     duplicate: bool,
 }
 
-/// `LogError` is not `Clone` (it wraps sled's error); the publisher only fails with the
-/// variants that are.
-trait CloneError {
-    fn clone_error(&self) -> LogError;
-}
-
-impl CloneError for LogError {
-    fn clone_error(&self) -> LogError {
-        match self {
-            LogError::Unavailable(reason) => LogError::Unavailable(reason.clone()),
-            LogError::Poisoned(reason) => LogError::Poisoned(reason.clone()),
-            LogError::Closed => LogError::Closed,
-            other => LogError::Unavailable(other.to_string()),
-        }
+/// The same failure for every append of a failed group. `LogError` is not `Clone` (it wraps
+/// sled's error); a group fails with the variants that are, anything else is reported as
+/// the stream being unavailable.
+fn group_error(error: &LogError) -> LogError {
+    match error {
+        LogError::Unavailable(reason) => LogError::Unavailable(reason.clone()),
+        LogError::Poisoned(reason) => LogError::Poisoned(reason.clone()),
+        LogError::Closed => LogError::Closed,
+        other => LogError::Unavailable(other.to_string()),
     }
 }

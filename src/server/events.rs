@@ -102,13 +102,9 @@ async fn run_in_cluster(uses: Uses) {
         };
         let saved = match leases.shared_setting(CURSOR_SETTING).await {
             Ok(None) => None,
-            Ok(Some(text)) => match text.parse() {
+            Ok(Some(text)) => match parse_cursor(text) {
                 Ok(cursor) => Some(cursor),
-                Err(_) => {
-                    let error = EventsError::Corrupt {
-                        key: CURSOR_SETTING,
-                        value: text,
-                    };
+                Err(error) => {
                     tracing::error!(%error, "event hooks stopped");
                     lease.release().await;
                     return;
@@ -135,13 +131,15 @@ fn saved_cursor(log: &Log) -> Result<Option<u64>, EventsError> {
             key: CURSOR_SETTING,
             source,
         })?;
-    text.map(|text| {
-        text.parse().map_err(|_| EventsError::Corrupt {
-            key: CURSOR_SETTING,
-            value: text,
-        })
+    text.map(parse_cursor).transpose()
+}
+
+/// A saved cursor's text as a log position, or the error naming the setting.
+fn parse_cursor(text: String) -> Result<u64, EventsError> {
+    text.parse().map_err(|_| EventsError::Corrupt {
+        key: CURSOR_SETTING,
+        value: text,
     })
-    .transpose()
 }
 
 fn is_event(rules: &Rules, entry: &Entry) -> bool {
