@@ -78,6 +78,11 @@ enum Op {
         upto: u64,
         limit: usize,
     },
+    ReadEntriesAfter {
+        after: u64,
+        limit: usize,
+    },
+    ReadEntryAt(u64),
     RemoveBefore(u64),
     Reboot,
 }
@@ -130,6 +135,9 @@ fn op() -> impl Strategy<Value = Op> {
                 upto,
                 limit,
             }),
+        1 => (position.clone(), 0usize..8)
+            .prop_map(|(after, limit)| Op::ReadEntriesAfter { after, limit }),
+        1 => position.clone().prop_map(Op::ReadEntryAt),
         1 => position.prop_map(Op::RemoveBefore),
         1 => Just(Op::Reboot),
     ]
@@ -207,10 +215,21 @@ impl Committed {
     }
 }
 
-fn open(dir: &Path, listener: &Arc<Committed>) -> Log {
+/// Most entries per stored block here: tiny, so that groups span several blocks and
+/// retention cuts through them.
+const BLOCK_ENTRIES_MAX: usize = 2;
+
+/// Opens the log; without `window`, every read goes to storage.
+fn open(dir: &Path, listener: &Arc<Committed>, window: bool) -> Log {
     let options = LogOptions {
         group_commit_entries_max: 4,
         writer_queue_len: 8,
+        block_entries_max: BLOCK_ENTRIES_MAX,
+        recent_bytes: if window {
+            LogOptions::default().recent_bytes
+        } else {
+            0
+        },
         ..LogOptions::default()
     };
     Log::open(dir, options, listener.clone()).expect("log opens")
@@ -220,10 +239,10 @@ fn plain(entries: Vec<Arc<Entry>>) -> Vec<Entry> {
     entries.iter().map(|entry| Entry::clone(entry)).collect()
 }
 
-async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+async fn run(ops: Vec<Op>, window: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("temp dir");
     let listener = Arc::new(Committed::default());
-    let mut log = open(dir.path(), &listener);
+    let mut log = open(dir.path(), &listener, window);
     let mut model = Model::default();
     for op in ops {
         match op {
@@ -282,6 +301,17 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 });
                 prop_assert_eq!(plain(read), expected);
             }
+            Op::ReadEntriesAfter { after, limit } => {
+                let read = log.entries_after(after, limit).expect("read");
+                prop_assert_eq!(plain(read), model.select(after, u64::MAX, limit, |_| true));
+            }
+            Op::ReadEntryAt(added) => {
+                let read = log.entry_at(added).expect("read");
+                prop_assert_eq!(
+                    read.map(|entry| Entry::clone(&entry)),
+                    model.entries.get(&added).cloned()
+                );
+            }
             Op::RemoveBefore(before) => {
                 let removed = log.remove_before(before).await.expect("retention");
                 prop_assert_eq!(removed, model.remove_before(before));
@@ -289,7 +319,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Reboot => {
                 log.close().await.expect("close");
                 drop(log);
-                log = open(dir.path(), &listener);
+                log = open(dir.path(), &listener, window);
             }
         }
         prop_assert_eq!(log.head(), model.last_added);
@@ -313,11 +343,14 @@ proptest! {
     })]
 
     #[test]
-    fn log_matches_the_in_memory_model(ops in proptest::collection::vec(op(), 1..30)) {
+    fn log_matches_the_in_memory_model(
+        ops in proptest::collection::vec(op(), 1..30),
+        window in any::<bool>(),
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(run(ops))?;
+        runtime.block_on(run(ops, window))?;
     }
 }

@@ -1,19 +1,28 @@
 //! Key layout of the log's single sled tree.
 //!
 //! Every record lives in the default tree under a one-byte prefix, so that one group commit is
-//! one `apply_batch` and therefore crash-atomic:
+//! one `apply_batch` and therefore crash-atomic. This is log format 2 (`FORMAT_VERSION`):
 //!
-//! - `a` + added (u64 big-endian) → the entry as JSON, with `meta.added` set;
+//! - `b` + first added (u64 big-endian) → a block of consecutive entries of one group commit
+//!   (see `block`), each as JSON with `meta.added` set;
 //! - `i` + action id → added (u64 big-endian), for every entry without `Meta::fresh_id`;
-//! - `c` + channel + 0x00 + added → empty (channel index);
-//! - `t` + kind (`u`, `c` or `n`) + name + 0x00 + added → empty (targeted index);
-//! - `m` + name → small metadata, such as `last_added` and the settings.
+//! - `c` + channel + 0x00 + first added → a posting: the positions of the channel's entries
+//!   in one group commit (channel index);
+//! - `t` + kind (`u`, `c` or `n`) + name + 0x00 + first added → a posting of the targeted
+//!   index;
+//! - `m` + name → small metadata: `last_added`, `format` and the settings;
+//! - `s` + object → its state, `q` + queue + added → a task.
 
 use super::LogError;
 use crate::action::Entry;
 
-/// Prefix of the entry records, keyed by `added`.
-pub(super) const ENTRY_PREFIX: u8 = b'a';
+/// Prefix of the entry blocks, keyed by the first `added` they hold.
+pub(super) const BLOCK_PREFIX: u8 = b'b';
+/// Prefix of the entry records of log format 1 (one record per entry), only to recognise
+/// such a data directory.
+pub(super) const FORMAT_1_ENTRY_PREFIX: u8 = b'a';
+/// The log format this code reads and writes, stored under `format_key`.
+pub(super) const FORMAT_VERSION: u32 = 2;
 /// Prefix of the id index, which maps an action id to its `added`.
 pub(super) const ID_PREFIX: u8 = b'i';
 /// Prefix of the channel index.
@@ -31,6 +40,8 @@ pub(super) const TASK_PREFIX: u8 = b'q';
 const TASK_QUEUE_LEN_BYTES: usize = 4;
 /// Name of the metadata record that holds the highest `added` ever assigned.
 const LAST_ADDED_NAME: &[u8] = b"last_added";
+/// Name of the metadata record that holds the log format (u32 big-endian).
+const FORMAT_NAME: &[u8] = b"format";
 /// Name prefix of the settings inside the metadata records, so that a setting can never
 /// overwrite `last_added`.
 const SETTING_NAME_PREFIX: &[u8] = b"setting:";
@@ -61,10 +72,10 @@ impl TargetKind {
     }
 }
 
-/// Key of the entry stored at `added`.
-pub(super) fn entry_key(added: u64) -> [u8; 1 + ADDED_LEN_BYTES] {
+/// Key of the block whose first entry is at `added`.
+pub(super) fn block_key(added: u64) -> [u8; 1 + ADDED_LEN_BYTES] {
     let mut key = [0; 1 + ADDED_LEN_BYTES];
-    key[0] = ENTRY_PREFIX;
+    key[0] = BLOCK_PREFIX;
     key[1..].copy_from_slice(&added.to_be_bytes());
     key
 }
@@ -82,6 +93,11 @@ pub(super) fn last_added_key() -> Vec<u8> {
     meta_key(LAST_ADDED_NAME)
 }
 
+/// Key of the `format` metadata record.
+pub(super) fn format_key() -> Vec<u8> {
+    meta_key(FORMAT_NAME)
+}
+
 /// Key of the setting called `name`.
 pub(super) fn setting_key(name: &str) -> Vec<u8> {
     let mut inner = SETTING_NAME_PREFIX.to_vec();
@@ -97,9 +113,9 @@ fn meta_key(name: &[u8]) -> Vec<u8> {
     key
 }
 
-/// The start of the keys of one index name: the index head, the name and the separator.
-/// `None` when the name contains the separator and therefore cannot be indexed.
-fn index_name_prefix(head: &[u8], name: &str) -> Option<Vec<u8>> {
+/// The start of the posting keys of one index name: the index head, the name and the
+/// separator. `None` when the name contains the separator and therefore cannot be indexed.
+pub(super) fn posting_prefix(head: &[u8], name: &str) -> Option<Vec<u8>> {
     if name.as_bytes().contains(&NAME_END) {
         return None;
     }
@@ -120,37 +136,21 @@ pub(super) fn target_head(kind: TargetKind) -> [u8; 2] {
     [TARGET_PREFIX, kind.byte()]
 }
 
-/// The inclusive key range of index `head` for `name` and `from <= added <= to`.
-/// `None` when the name cannot be indexed.
-pub(super) fn index_range(
-    head: &[u8],
-    name: &str,
-    from: u64,
-    to: u64,
-) -> Option<(Vec<u8>, Vec<u8>)> {
-    let prefix = index_name_prefix(head, name)?;
-    let mut start = prefix.clone();
-    start.extend_from_slice(&from.to_be_bytes());
-    let mut end = prefix;
-    end.extend_from_slice(&to.to_be_bytes());
-    Some((start, end))
+/// The key of the posting that starts at `first` under `prefix` (see `posting_prefix`).
+pub(super) fn posting_key(prefix: &[u8], first: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + ADDED_LEN_BYTES);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&first.to_be_bytes());
+    key
 }
 
-/// One index key of index `head` for `name` at `added`.
-fn index_key(head: &[u8], name: &str, added: u64) -> Option<Vec<u8>> {
-    let mut key = index_name_prefix(head, name)?;
-    key.extend_from_slice(&added.to_be_bytes());
-    Some(key)
-}
-
-/// All channel and targeted index keys of a stored entry (its `meta.added` must be set).
+/// The posting prefixes of every channel and targeted name of `entry`, each once.
 ///
 /// Names that contain the separator byte are skipped with a warning: they could be confused
 /// with other names, and such names never come from valid clients.
-pub(super) fn index_keys(entry: &Entry) -> Vec<Vec<u8>> {
+pub(super) fn index_prefixes(entry: &Entry) -> Vec<Vec<u8>> {
     let meta = &entry.meta;
-    let added = meta.added;
-    let mut keys = Vec::new();
+    let mut prefixes = Vec::new();
     let channel_head = channel_head();
     let groups: [(&[u8], &[String]); 4] = [
         (&channel_head, &meta.channels),
@@ -160,8 +160,9 @@ pub(super) fn index_keys(entry: &Entry) -> Vec<Vec<u8>> {
     ];
     for (head, names) in groups {
         for name in names {
-            match index_key(head, name, added) {
-                Some(key) => keys.push(key),
+            match posting_prefix(head, name) {
+                Some(prefix) if !prefixes.contains(&prefix) => prefixes.push(prefix),
+                Some(_) => {}
                 None => tracing::warn!(
                     id = %meta.id,
                     name = %name.escape_debug(),
@@ -170,7 +171,7 @@ pub(super) fn index_keys(entry: &Entry) -> Vec<Vec<u8>> {
             }
         }
     }
-    keys
+    prefixes
 }
 
 /// Decodes an `added` stored as a value.
@@ -261,19 +262,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entry_keys_sort_by_added() {
-        assert!(entry_key(1) < entry_key(2));
-        assert!(entry_key(255) < entry_key(256));
-        assert_eq!(added_suffix(&entry_key(300)).ok(), Some(300));
+    fn block_keys_sort_by_added() {
+        assert!(block_key(1) < block_key(2));
+        assert!(block_key(255) < block_key(256));
+        assert_eq!(added_suffix(&block_key(300)).ok(), Some(300));
     }
 
     #[test]
-    fn index_keys_of_different_names_never_overlap() {
-        let (short_start, short_end) =
-            index_range(&channel_head(), "a", 0, u64::MAX).expect("indexable name");
-        let (long_start, _) =
-            index_range(&channel_head(), "ab", 0, u64::MAX).expect("indexable name");
-        assert!(!(short_start..=short_end).contains(&long_start));
+    fn posting_keys_of_different_names_never_overlap() {
+        let short = posting_prefix(&channel_head(), "a").expect("indexable name");
+        let long = posting_prefix(&channel_head(), "ab").expect("indexable name");
+        let (short_start, short_end) = (posting_key(&short, 0), posting_key(&short, u64::MAX));
+        assert!(!(short_start..=short_end).contains(&posting_key(&long, 0)));
     }
 
     #[test]
@@ -291,6 +291,6 @@ mod tests {
 
     #[test]
     fn names_with_nul_are_not_indexed() {
-        assert_eq!(index_range(&channel_head(), "a\0b", 0, 1), None);
+        assert_eq!(posting_prefix(&channel_head(), "a\0b"), None);
     }
 }

@@ -1,12 +1,15 @@
 //! The durable, append-only action log on sled.
 //!
 //! All records live in one sled tree under one-byte key prefixes (see `keys`), so that every
-//! group commit is a single crash-atomic `apply_batch`. One writer task owns the `added`
+//! group commit is a single crash-atomic `apply_batch`. A group's entries are packed into a
+//! few blocks and its index positions into one posting per name (see `block`), so a client
+//! action costs about one sled record (its id) plus a share of its group's. One writer task owns the `added`
 //! counter: `append` queues a request, the writer gathers the queued requests into a group,
 //! writes them with one batch and one flush, and only then moves `head`, calls the hooks, the
 //! commit listener and answers the callers. Readers go to sled directly and never see entries
 //! above `head`, so they only ever return durable entries.
 
+mod block;
 mod keys;
 mod recent;
 mod replica;
@@ -16,9 +19,11 @@ mod writer;
 mod tests;
 
 use crate::action::Entry;
+use block::{decode_posting, encode_block, encode_posting, Block};
 use keys::{
-    added_suffix, channel_head, decode_added, decode_entry, entry_key, id_key, index_keys,
-    index_range, last_added_key, setting_key, target_head, TargetKind, ENTRY_PREFIX,
+    block_key, channel_head, decode_added, decode_entry, format_key, id_key, index_prefixes,
+    last_added_key, posting_key, posting_prefix, setting_key, target_head, TargetKind,
+    BLOCK_PREFIX, FORMAT_1_ENTRY_PREFIX, FORMAT_VERSION,
 };
 use recent::RecentEntries;
 pub use replica::{Append, Replicated, TaskRef};
@@ -30,8 +35,13 @@ use tokio::sync::{mpsc, watch};
 pub use writer::Written;
 use writer::{RecordOps, Request, Writer};
 
-/// Most entries removed by one retention batch, so that retention never builds a huge batch.
+/// Entries after which one retention batch stops taking blocks, so that retention never
+/// builds a huge batch (it may exceed this by one block).
 const REMOVE_BATCH_ENTRIES: usize = 1_024;
+/// Default most entries in one block.
+pub const BLOCK_ENTRIES_MAX_DEFAULT: usize = 256;
+/// Default bytes of entry JSON after which a block is closed.
+pub const BLOCK_BYTES_MAX_DEFAULT: usize = 64 * 1024;
 /// How long `open` waits for the directory lock: after `close`, sled's background threads
 /// may hold the lock of the same directory for a moment, and reopening in the same process
 /// (tests, restarts of the server inside one process) must not fail because of that.
@@ -59,6 +69,9 @@ pub enum LogError {
     /// The writer task is gone (shutdown).
     #[error("log writer stopped")]
     Closed,
+    /// The data directory was written in a log format this version does not read.
+    #[error("{0}")]
+    UnsupportedFormat(String),
     /// Cluster mode: the shared stream did not take the append before its deadline (the
     /// client keeps its actions and re-sends them).
     #[error("the cluster stream is unavailable: {0}")]
@@ -193,6 +206,10 @@ pub struct LogOptions {
     /// Memory budget, in estimated bytes, of the decoded newest entries that readers get
     /// without sled; 0 turns the window off.
     pub recent_bytes: usize,
+    /// Most entries in one stored block.
+    pub block_entries_max: usize,
+    /// Bytes of entry JSON after which a block is closed (a larger entry gets its own).
+    pub block_bytes_max: usize,
 }
 
 impl Default for LogOptions {
@@ -202,6 +219,8 @@ impl Default for LogOptions {
             writer_queue_len: 4_096,
             cache_bytes: CACHE_BYTES_DEFAULT,
             recent_bytes: RECENT_BYTES_DEFAULT,
+            block_entries_max: BLOCK_ENTRIES_MAX_DEFAULT,
+            block_bytes_max: BLOCK_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -262,33 +281,95 @@ impl Shared {
 
     /// The entry stored at `added`, if it is still there.
     fn entry_at(&self, added: u64) -> Result<Option<Arc<Entry>>, LogError> {
+        self.entry_through(added, &mut None)
+    }
+
+    /// Like `entry_at`, keeping the last block read in `cursor` for the next position.
+    fn entry_through(
+        &self,
+        added: u64,
+        cursor: &mut Option<CachedBlock>,
+    ) -> Result<Option<Arc<Entry>>, LogError> {
         if let Some(entry) = self.recent.get(added) {
             self.listener.recent_read(true);
             return Ok(Some(entry));
         }
         self.listener.recent_read(false);
-        let key = entry_key(added);
-        match self.db.get(key)? {
-            Some(value) => Ok(Some(Arc::new(decode_entry(&key, &value)?))),
+        let covered = cursor
+            .as_ref()
+            .is_some_and(|cached| cached.first <= added && added <= cached.last);
+        if !covered {
+            *cursor = self.block_holding(added)?;
+        }
+        let Some(cached) = cursor.as_ref() else {
+            return Ok(None);
+        };
+        match cached.block.get(added)? {
+            Some(json) => Ok(Some(Arc::new(decode_entry(cached.block.key(), json)?))),
             None => Ok(None),
         }
     }
 
-    /// The positions recorded in index `head` for `name` with `from <= added <= to`,
-    /// ascending. Names that cannot be indexed have no positions.
+    /// The block that would hold `added`: the last one starting at or before it.
+    fn block_holding(&self, added: u64) -> Result<Option<CachedBlock>, LogError> {
+        match self.db.range(block_key(0)..=block_key(added)).next_back() {
+            Some(item) => {
+                let (key, value) = item?;
+                let first = keys::added_suffix(&key)?;
+                let block = Block::new(&key, value)?;
+                let last = block.last()?;
+                Ok(Some(CachedBlock { first, last, block }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The positions recorded in index `head` for `name` with `from <= added <= to`, in
+    /// `order`. Names that cannot be indexed have no positions.
     fn index_positions(
         &self,
         head: &[u8],
         name: &str,
-        from: u64,
-        to: u64,
-    ) -> Box<dyn DoubleEndedIterator<Item = Result<u64, LogError>>> {
-        match index_range(head, name, from, to) {
-            Some((start, end)) if from <= to => Box::new(self.db.range(start..=end).map(|item| {
-                let (key, _) = item?;
-                added_suffix(&key)
-            })),
-            _ => Box::new(std::iter::empty()),
+        (from, to): (u64, u64),
+        order: Order,
+    ) -> Box<dyn Iterator<Item = Result<u64, LogError>>> {
+        let Some(prefix) = posting_prefix(head, name) else {
+            return Box::new(std::iter::empty());
+        };
+        if from > to {
+            return Box::new(std::iter::empty());
+        }
+        // The posting holding `from` may start below it: the last one starting at or before.
+        let lower = match self
+            .db
+            .range(posting_key(&prefix, 0)..=posting_key(&prefix, from))
+            .next_back()
+        {
+            Some(Ok((key, _))) => key.to_vec(),
+            Some(Err(error)) => return Box::new(std::iter::once(Err(error.into()))),
+            None => posting_key(&prefix, from),
+        };
+        let postings = self.db.range(lower..=posting_key(&prefix, to));
+        let in_range = move |item: sled::Result<(sled::IVec, sled::IVec)>| {
+            let positions = item
+                .map_err(LogError::from)
+                .and_then(|(key, value)| decode_posting(&key, &value));
+            match positions {
+                Ok(positions) => positions
+                    .into_iter()
+                    .filter(|added| (from..=to).contains(added))
+                    .map(Ok)
+                    .collect(),
+                Err(error) => vec![Err(error)],
+            }
+        };
+        match order {
+            Order::Ascending => Box::new(postings.flat_map(in_range)),
+            Order::Descending => Box::new(
+                postings
+                    .rev()
+                    .flat_map(move |item| in_range(item).into_iter().rev()),
+            ),
         }
     }
 
@@ -303,8 +384,9 @@ impl Shared {
         if limit == 0 {
             return Ok(entries);
         }
+        let mut cursor = None;
         for added in positions {
-            if let Some(entry) = self.entry_at(added?)? {
+            if let Some(entry) = self.entry_through(added?, &mut cursor)? {
                 entries.push(entry);
                 if entries.len() >= limit {
                     break;
@@ -313,6 +395,20 @@ impl Shared {
         }
         Ok(entries)
     }
+}
+
+/// The direction positions come out of an index.
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    Ascending,
+    Descending,
+}
+
+/// A block read for a run of positions, with the range of positions it holds.
+struct CachedBlock {
+    first: u64,
+    last: u64,
+    block: Block<sled::IVec>,
 }
 
 /// The per-log state behind the cheap `Log` handles.
@@ -359,6 +455,7 @@ impl Log {
             LogError::Closed
         })?;
         let db = open_db(dir, options.cache_bytes)?;
+        check_format(&db, dir)?;
         let last_added = {
             let key = last_added_key();
             match db.get(&key)? {
@@ -366,8 +463,11 @@ impl Log {
                 None => 0,
             }
         };
-        let highest_entry = match db.scan_prefix([ENTRY_PREFIX]).next_back() {
-            Some(item) => added_suffix(&item?.0)?,
+        let highest_entry = match db.scan_prefix([BLOCK_PREFIX]).next_back() {
+            Some(item) => {
+                let (key, value) = item?;
+                Block::new(&key, value)?.last()?
+            }
             None => 0,
         };
         let head = last_added.max(highest_entry);
@@ -391,6 +491,7 @@ impl Log {
             reducer,
             next_added: head + 1,
             group_entries_max: options.group_commit_entries_max.max(1),
+            block_limits: (options.block_entries_max.max(1), options.block_bytes_max),
         };
         runtime.spawn(writer.run(stopped_sender));
         Ok(Log {
@@ -642,7 +743,7 @@ impl Log {
         };
         self.inner
             .shared
-            .index_positions(&channel_head(), channel, from, upto)
+            .index_positions(&channel_head(), channel, (from, upto), Order::Ascending)
             .collect()
     }
 
@@ -660,7 +761,7 @@ impl Log {
         };
         let shared = &self.inner.shared;
         shared.load(
-            shared.index_positions(&channel_head(), channel, from, upto),
+            shared.index_positions(&channel_head(), channel, (from, upto), Order::Ascending),
             limit,
         )
     }
@@ -675,9 +776,7 @@ impl Log {
         let upto = upto.min(self.head());
         let shared = &self.inner.shared;
         let mut entries = shared.load(
-            shared
-                .index_positions(&channel_head(), channel, 0, upto)
-                .rev(),
+            shared.index_positions(&channel_head(), channel, (0, upto), Order::Descending),
             limit,
         )?;
         entries.reverse();
@@ -701,11 +800,19 @@ impl Log {
         };
         let shared = &self.inner.shared;
         let mut sources = Vec::with_capacity(3);
+        let mut source = |kind, name| {
+            sources.push(shared.index_positions(
+                &target_head(kind),
+                name,
+                (from, upto),
+                Order::Ascending,
+            ));
+        };
         if let Some(user) = user {
-            sources.push(shared.index_positions(&target_head(TargetKind::User), user, from, upto));
+            source(TargetKind::User, user);
         }
-        sources.push(shared.index_positions(&target_head(TargetKind::Client), client, from, upto));
-        sources.push(shared.index_positions(&target_head(TargetKind::Node), node, from, upto));
+        source(TargetKind::Client, client);
+        source(TargetKind::Node, node);
         shared.load(MergeAscending::new(sources), limit)
     }
 
@@ -780,16 +887,25 @@ impl Log {
         if from > head {
             return Ok(Vec::new());
         }
+        let shared = &self.inner.shared;
         let mut entries = Vec::new();
-        for item in self
-            .inner
-            .shared
-            .db
-            .range(entry_key(from)..=entry_key(head))
-            .take(limit)
-        {
+        let start = match shared.block_holding(from)? {
+            Some(cached) => cached.first,
+            None => from,
+        };
+        for item in shared.db.range(block_key(start)..=block_key(head)) {
             let (key, value) = item?;
-            entries.push(Arc::new(decode_entry(&key, &value)?));
+            let block = Block::new(&key, value)?;
+            for item in block.entries() {
+                let (added, json) = item?;
+                if added < from {
+                    continue;
+                }
+                if added > head || entries.len() >= limit {
+                    return Ok(entries);
+                }
+                entries.push(Arc::new(decode_entry(&key, json)?));
+            }
         }
         Ok(entries)
     }
@@ -832,50 +948,119 @@ impl Log {
         let before = before.min(self.head().saturating_add(1));
         let mut removed = 0;
         loop {
-            let (records, count) = self.removal_batch(before)?;
-            if count == 0 {
-                break;
+            let (records, count, more) = self.removal_batch(before)?;
+            if !records.is_empty() {
+                self.write_records(records).await?;
             }
-            self.write_records(records).await?;
             self.inner.shared.recent.remove_before(before);
             removed += count;
-            if count < REMOVE_BATCH_ENTRIES {
+            if !more {
                 break;
             }
         }
         Ok(removed)
     }
 
-    /// The records to remove for the oldest `REMOVE_BATCH_ENTRIES` entries below `before`, and
-    /// how many entries they are.
-    fn removal_batch(&self, before: u64) -> Result<(RecordOps, usize), LogError> {
+    /// The records to remove or rewrite for the oldest blocks below `before`, up to about
+    /// `REMOVE_BATCH_ENTRIES` entries: the entries below `before`, their ids and their
+    /// positions in the postings. Returns them, how many entries they remove, and whether
+    /// older blocks are left for another batch.
+    fn removal_batch(&self, before: u64) -> Result<(RecordOps, usize, bool), LogError> {
         let db = &self.inner.shared.db;
         let mut records = RecordOps::default();
         let mut count = 0;
-        for item in db
-            .range(entry_key(0)..entry_key(before))
-            .take(REMOVE_BATCH_ENTRIES)
-        {
-            let (key, value) = item?;
-            count += 1;
-            match decode_entry(&key, &value) {
-                Ok(entry) => {
-                    let added = added_suffix(&key)?;
-                    let id_key = id_key(&entry.meta.id);
-                    if db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
-                        records.remove.push(id_key);
-                    }
-                    let mut indexed = entry;
-                    indexed.meta.added = added;
-                    records.remove.extend(index_keys(&indexed));
-                }
-                // Its index records cannot be found; readers skip them once the entry is
-                // gone, so removing the entry alone keeps retention going.
-                Err(error) => tracing::warn!(%error, "removing an undecodable entry"),
+        let mut more = false;
+        // Every entry below `cut` is removed by this batch.
+        let mut cut = before;
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for item in db.range(block_key(0)..block_key(before)) {
+            if count >= REMOVE_BATCH_ENTRIES {
+                more = true;
+                break;
             }
-            records.remove.push(key.to_vec());
+            let (key, value) = item?;
+            let mut kept: Vec<(u64, &[u8])> = Vec::new();
+            let mut removed_here = 0;
+            let mut last = 0;
+            let block = Block::new(&key, value.as_ref());
+            match &block {
+                Ok(block) => {
+                    for item in block.entries() {
+                        let (added, json) = match item {
+                            Ok(read) => read,
+                            // The rest of the block cannot be read: removing the block keeps
+                            // retention going, and readers skip postings without an entry.
+                            Err(error) => {
+                                tracing::warn!(%error, "removing a torn block");
+                                kept.clear();
+                                break;
+                            }
+                        };
+                        last = added;
+                        if added >= before {
+                            kept.push((added, json));
+                            continue;
+                        }
+                        removed_here += 1;
+                        self.forget_entry(&key, added, json, &mut records, &mut names)?;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "removing an unreadable block"),
+            }
+            count += removed_here;
+            if kept.is_empty() {
+                records.remove.push(key.to_vec());
+            } else if removed_here > 0 {
+                records.insert.push((key.to_vec(), encode_block(kept)));
+            }
+            cut = before.min(last.saturating_add(1));
         }
-        Ok((records, count))
+        if !more {
+            cut = before;
+        }
+        for prefix in names {
+            for item in db.range(posting_key(&prefix, 0)..posting_key(&prefix, cut)) {
+                let (key, value) = item?;
+                let positions = decode_posting(&key, &value).unwrap_or_default();
+                let kept: Vec<u64> = positions.iter().copied().filter(|&p| p >= cut).collect();
+                if kept.is_empty() {
+                    records.remove.push(key.to_vec());
+                } else if kept.len() < positions.len() {
+                    records.insert.push((key.to_vec(), encode_posting(&kept)));
+                }
+            }
+        }
+        Ok((records, count, more))
+    }
+
+    /// Adds the removal of the id of the entry at `added` (when it still points there) to
+    /// `records`, and its posting prefixes to `names`.
+    fn forget_entry(
+        &self,
+        block: &[u8],
+        added: u64,
+        json: &[u8],
+        records: &mut RecordOps,
+        names: &mut Vec<Vec<u8>>,
+    ) -> Result<(), LogError> {
+        let entry = match decode_entry(block, json) {
+            Ok(entry) => entry,
+            // Its postings cannot be found; readers skip them once the entry is gone.
+            Err(error) => {
+                tracing::warn!(%error, "removing an undecodable entry");
+                return Ok(());
+            }
+        };
+        let id_key = id_key(&entry.meta.id);
+        if self.inner.shared.db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
+            records.remove.push(id_key);
+        }
+        for prefix in index_prefixes(&entry) {
+            if !names.contains(&prefix) {
+                names.push(prefix);
+            }
+        }
+        Ok(())
     }
 
     /// Stops the writer after the queued requests and flushes.
@@ -905,6 +1090,43 @@ impl Log {
         }
         flush(&self.inner.shared.db).await?;
         Ok(())
+    }
+}
+
+/// Refuses a data directory of another log format; marks a new one with this format.
+fn check_format(db: &sled::Db, dir: &Path) -> Result<(), LogError> {
+    let key = format_key();
+    let refuse = |found: &str| {
+        LogError::UnsupportedFormat(format!(
+            "the data directory {} holds log format {found}, and this Ferry reads and writes \
+             only format {FORMAT_VERSION} (one record per group of entries, since 2026-12-03); \
+             it does not convert old directories: start on a new --data-dir, or keep the \
+             older Ferry for this one",
+            dir.display()
+        ))
+    };
+    match db.get(&key)? {
+        Some(value) => {
+            let version = <[u8; 4]>::try_from(value.as_ref())
+                .map(u32::from_be_bytes)
+                .map_err(|_| refuse("unknown"))?;
+            if version == FORMAT_VERSION {
+                Ok(())
+            } else {
+                Err(refuse(&version.to_string()))
+            }
+        }
+        None => {
+            let format_1 = db.get(last_added_key())?.is_some()
+                || db.scan_prefix([FORMAT_1_ENTRY_PREFIX]).next().is_some();
+            if format_1 {
+                return Err(refuse("1"));
+            }
+            // A new directory (or one that only holds settings): this format from now on.
+            db.insert(&key, &FORMAT_VERSION.to_be_bytes())?;
+            db.flush()?;
+            Ok(())
+        }
     }
 }
 

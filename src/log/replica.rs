@@ -7,11 +7,10 @@
 //! local append, so every node that applied a sequence holds the same log up to it.
 
 use super::keys::task_key;
-use super::writer::{entry_records, CountedBatch, Writer};
+use super::writer::{encode_entry, CountedBatch, GroupEntries, Writer};
 use super::{AppendOutcome, DurableHook, LogError};
 use crate::action::Entry;
 use std::collections::HashMap;
-use std::sync::Arc;
 use tokio::sync::oneshot;
 
 /// An append waiting for the cluster (the replication queue's item).
@@ -88,9 +87,8 @@ impl Writer {
         group_states: &mut HashMap<String, Vec<u8>>,
         group_tasks: &mut GroupTasks,
         batch: &mut CountedBatch,
-        stored: (&mut Vec<Arc<Entry>>, &mut Vec<usize>),
+        stored: &mut GroupEntries,
     ) -> Result<Vec<AppendOutcome>, LogError> {
-        let (stored, stored_bytes) = stored;
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
             if message.seq < self.next_added {
@@ -111,7 +109,7 @@ impl Writer {
                     message.answers.as_ref(),
                     (group_ids, group_states),
                     batch,
-                    (&mut *stored, &mut *stored_bytes),
+                    stored,
                 )?,
                 None => AppendOutcome::Appended(message.seq),
             };
@@ -139,7 +137,7 @@ impl Writer {
         answers: Option<&(String, u64)>,
         (group_ids, group_states): (&mut HashMap<String, u64>, &mut HashMap<String, Vec<u8>>),
         batch: &mut CountedBatch,
-        (stored, stored_bytes): (&mut Vec<Arc<Entry>>, &mut Vec<usize>),
+        stored: &mut GroupEntries,
     ) -> Result<AppendOutcome, LogError> {
         if let Some((id, at)) = answers {
             match self.existing_added(id, group_ids)? {
@@ -158,9 +156,9 @@ impl Writer {
         entry.meta.added = seq;
         let mut states = HashMap::new();
         self.reduce(&entry, group_states, &mut states)?;
-        let (records, bytes) = entry_records(&entry, fresh_id)?;
-        for (key, value) in records {
-            batch.insert(key, value);
+        let (json, bytes) = encode_entry(&entry)?;
+        if !fresh_id {
+            batch.insert(super::keys::id_key(&entry.meta.id), seq.to_be_bytes());
         }
         for (object, state) in states {
             batch.insert(super::keys::state_key(&object), &state);
@@ -169,8 +167,7 @@ impl Writer {
         if !fresh_id {
             group_ids.insert(entry.meta.id.clone(), seq);
         }
-        stored.push(Arc::new(entry));
-        stored_bytes.push(bytes);
+        stored.push(entry, json, bytes);
         Ok(AppendOutcome::Appended(seq))
     }
 

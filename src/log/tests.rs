@@ -456,12 +456,20 @@ async fn readers_skip_index_records_without_entry() {
             .collect(),
     )
     .await;
-    // Simulate an index record that outlived its entry.
-    log.inner
-        .shared
-        .db
-        .remove(entry_key(2))
-        .expect("remove entry");
+    // Simulate a posting that outlived its entry: the block keeps 1 and 3 only.
+    let db = &log.inner.shared.db;
+    let value = db
+        .get(block_key(1))
+        .expect("read block")
+        .expect("one block");
+    let block = Block::new(&block_key(1), value).expect("block");
+    let kept: Vec<(u64, &[u8])> = block
+        .entries()
+        .map(|item| item.expect("entry"))
+        .filter(|(added, _)| *added != 2)
+        .collect();
+    db.insert(block_key(1), encode_block(kept))
+        .expect("rewrite block");
     // Such records only exist after a crash, so the window of recent entries starts empty.
     let (log, _) = reopen(log, dir.path()).await;
     let channel = log.channel_since("a", 0, u64::MAX, 10).expect("read");
@@ -1079,4 +1087,158 @@ async fn a_task_created_by_a_replicated_message_is_finished_once_even_when_answe
         "the second result is dropped"
     );
     log.close().await.expect("close");
+}
+
+/// A client's `sync`: `count` actions in `room`, each followed by its `logux/processed`
+/// answer targeted at the client, as the pipeline stores them.
+fn client_sync(client: usize, room: usize, count: usize) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    for n in 0..count {
+        let mut action = in_channels(&format!("{n} {client}:c 0"), &[&format!("room/{room}")]);
+        action.meta.users = vec![client.to_string()];
+        let mut answer = targeted(
+            &format!("{n} server:{client} 0"),
+            &[],
+            &[&format!("{client}:c")],
+            &[],
+        );
+        answer.meta.fresh_id = true;
+        answer.meta.answers_previous = true;
+        entries.push(action);
+        entries.push(answer);
+    }
+    entries
+}
+
+#[tokio::test]
+async fn client_actions_with_answers_cost_at_most_one_and_a_half_records_each() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, recorder) = open(dir.path());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    set_flush_gate(&log, &gate);
+    // A first group on its own, then 50 clients' syncs of 20 actions in 10 rooms queued
+    // behind it, so that they share group commits as under load.
+    let first = log
+        .submit(client_sync(0, 0, 20), Vec::new(), None)
+        .await
+        .expect("submit");
+    let mut pending = Vec::new();
+    for client in 1..=50 {
+        let sync = client_sync(client, client % 10, 20);
+        pending.push(log.submit(sync, Vec::new(), None).await.expect("submit"));
+    }
+    gate.add_permits(1_000);
+    first.outcomes().await.expect("first sync");
+    for sync in pending {
+        sync.outcomes().await.expect("sync");
+    }
+    let actions = 51 * 20;
+    let records = recorder.written.lock().expect("written lock").records;
+    assert!(
+        records as f64 <= 1.5 * actions as f64,
+        "{records} records for {actions} client actions"
+    );
+    // Everything is still readable through every index, and de-duplicated across blocks.
+    assert_eq!(log.head(), 2 * actions as u64);
+    let room = log
+        .channel_since("room/3", 0, u64::MAX, 1_000)
+        .expect("read");
+    assert_eq!(room.len(), 5 * 20);
+    let answers = log
+        .targeted_since(None, "7:c", "7:c:1", 0, u64::MAX, 1_000)
+        .expect("read");
+    assert_eq!(answers.len(), 20);
+    let again = log
+        .append(client_sync(7, 7, 20), None)
+        .await
+        .expect("resend");
+    assert!(again
+        .iter()
+        .all(|outcome| matches!(outcome, AppendOutcome::Duplicate(_))));
+}
+
+/// Lets the test hold the flusher (see `Shared::flush_gate`).
+fn set_flush_gate(log: &Log, gate: &Arc<tokio::sync::Semaphore>) {
+    *log.inner.shared.flush_gate.lock().expect("gate lock") = Some(Arc::clone(gate));
+}
+
+#[tokio::test]
+async fn a_data_directory_of_log_format_1_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        // What Ferry before format 2 left: one record per entry and `last_added`.
+        let db = sled::open(dir.path()).expect("sled opens");
+        let mut key = vec![b'a'];
+        key.extend_from_slice(&1u64.to_be_bytes());
+        db.insert(key, &b"{}"[..]).expect("insert");
+        db.insert(keys::last_added_key(), &1u64.to_be_bytes()[..])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let opened = Log::open(
+        dir.path(),
+        LogOptions::default(),
+        Arc::new(Recorder::default()),
+    );
+    match opened {
+        Err(LogError::UnsupportedFormat(message)) => {
+            assert!(message.contains("format 1"), "{message}");
+            assert!(message.contains("new --data-dir"), "{message}");
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a format 1 directory was opened"),
+    }
+    // A new directory is marked with the current format and opens again.
+    let fresh = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(fresh.path());
+    append_all(&log, vec![entry("1 a 0")]).await;
+    let (log, _) = reopen(log, fresh.path()).await;
+    assert_eq!(log.head(), 1);
+}
+
+#[tokio::test]
+async fn retention_and_reads_work_across_many_small_blocks() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = LogOptions {
+        block_entries_max: 3,
+        ..LogOptions::default()
+    };
+    let (log, _) = open_with(dir.path(), options.clone());
+    // Two groups of 10 entries: blocks of 3, 3, 3 and 1 entries each.
+    for group in 0..2 {
+        let entries = (0..10)
+            .map(|n| in_channels(&format!("{n} g{group} 0"), &["a", &format!("g{group}")]))
+            .collect();
+        append_all(&log, entries).await;
+    }
+    assert_eq!(log.inner.shared.db.scan_prefix([b'b']).count(), 8);
+    // Inside the second block of the first group, then inside a block of the second.
+    assert_eq!(log.remove_before(5).await.expect("retention"), 4);
+    assert_eq!(log.remove_before(15).await.expect("retention"), 10);
+    let (log, _) = {
+        log.close().await.expect("close");
+        drop(log);
+        open_with(dir.path(), options)
+    };
+    let all = log.channel_since("a", 0, u64::MAX, 100).expect("read");
+    assert_eq!(positions(&all), (15..=20).collect::<Vec<_>>());
+    assert_eq!(log.channel_tail("a", u64::MAX, 2).expect("tail").len(), 2);
+    assert!(log
+        .channel_since("g0", 0, u64::MAX, 100)
+        .expect("read")
+        .is_empty());
+    let after = log.entries_after(0, 100).expect("read");
+    assert_eq!(positions(&after), (15..=20).collect::<Vec<_>>());
+    assert_eq!(log.entry_at(14).expect("read"), None);
+    assert_eq!(log.added_of("4 g1 0").expect("read"), Some(15));
+    assert_eq!(log.added_of("3 g1 0").expect("read"), None);
+    // De-duplication across blocks still holds for what is kept.
+    let again = log
+        .append(vec![in_channels("9 g1 0", &["a"])], None)
+        .await
+        .expect("append");
+    assert_eq!(again, vec![AppendOutcome::Duplicate(20)]);
+    // The removed postings are gone, not just skipped: only the second group's remain.
+    let postings = log.inner.shared.db.scan_prefix([b'c']).count();
+    assert_eq!(postings, 2, "one posting of `a` and one of `g1` remain");
 }

@@ -1,9 +1,10 @@
 //! The single writer task: it owns the `added` counter and turns queued appends into group
 //! commits (one sled batch and one flush for many requests).
 
+use super::block::{encode_posting, BlockBuilder};
 use super::keys::{
-    entry_key, id_key, index_keys, last_added_key, setting_key, state_key, task_key,
-    ADDED_LEN_BYTES,
+    block_key, id_key, index_prefixes, last_added_key, posting_key, setting_key, state_key,
+    task_key, ADDED_LEN_BYTES,
 };
 use super::recent::estimated_bytes;
 use super::replica::{GroupTasks, Replicated};
@@ -52,6 +53,11 @@ impl RecordOps {
             insert: vec![(setting_key(key), value.as_bytes().to_vec())],
             remove: Vec::new(),
         }
+    }
+
+    /// Whether there is nothing to write.
+    pub(super) fn is_empty(&self) -> bool {
+        self.insert.is_empty() && self.remove.is_empty()
     }
 
     /// Adds the changes to `batch`.
@@ -279,24 +285,71 @@ fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut Count
     }
 }
 
-/// `(key, value)` records for a sled batch.
-pub(super) type Records = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// The records of `entry`, stored at its `meta.added`: the entry, its id (unless `fresh_id`)
-/// and its index postings; and the entry's estimated memory in the window of recent entries.
-pub(super) fn entry_records(entry: &Entry, fresh_id: bool) -> Result<(Records, usize), LogError> {
-    let added = entry.meta.added;
+/// The entry as stored (JSON with `meta.added` set) and its estimated memory in the window
+/// of recent entries.
+pub(super) fn encode_entry(entry: &Entry) -> Result<(Vec<u8>, usize), LogError> {
     let json = serde_json::to_vec(entry).map_err(|error| LogError::Corrupt {
         key: entry.meta.id.clone(),
         reason: format!("cannot encode the entry: {error}"),
     })?;
     let bytes = estimated_bytes(json.len());
-    let mut records = vec![(entry_key(added).to_vec(), json)];
-    if !fresh_id {
-        records.push((id_key(&entry.meta.id), added.to_be_bytes().to_vec()));
+    Ok((json, bytes))
+}
+
+/// The entries one group commit stores, in `added` order.
+#[derive(Default)]
+pub(super) struct GroupEntries {
+    /// The decoded entries, for the listener and the window of recent entries.
+    entries: Vec<Arc<Entry>>,
+    /// Estimated memory of each, for the window.
+    bytes: Vec<usize>,
+    /// Each one's stored JSON.
+    json: Vec<Vec<u8>>,
+}
+
+impl GroupEntries {
+    /// Adds an entry the group stores (above every entry added before).
+    pub(super) fn push(&mut self, entry: Entry, json: Vec<u8>, bytes: usize) {
+        self.entries.push(Arc::new(entry));
+        self.bytes.push(bytes);
+        self.json.push(json);
     }
-    records.extend(index_keys(entry).into_iter().map(|key| (key, Vec::new())));
-    Ok((records, bytes))
+
+    /// Writes the group's blocks and one posting per indexed name to `batch`, and returns the
+    /// decoded entries with their estimated sizes.
+    fn stage(
+        self,
+        (entries_max, bytes_max): (usize, usize),
+        batch: &mut CountedBatch,
+    ) -> (Vec<Arc<Entry>>, Vec<usize>) {
+        let mut blocks = BlockBuilder::new(entries_max, bytes_max);
+        // Posting prefixes in the order first seen, so the batch is the same on every node.
+        let mut postings: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
+        let mut posting_of: HashMap<Vec<u8>, usize> = HashMap::new();
+        for (entry, json) in self.entries.iter().zip(&self.json) {
+            let added = entry.meta.added;
+            blocks.push(added, json);
+            for prefix in index_prefixes(entry) {
+                match posting_of.get(&prefix) {
+                    Some(&index) => postings[index].1.push(added),
+                    None => {
+                        posting_of.insert(prefix.clone(), postings.len());
+                        postings.push((prefix, vec![added]));
+                    }
+                }
+            }
+        }
+        for (first, value) in blocks.finish() {
+            batch.insert(block_key(first), value);
+        }
+        for (prefix, positions) in postings {
+            batch.insert(
+                posting_key(&prefix, positions[0]),
+                encode_posting(&positions),
+            );
+        }
+        (self.entries, self.bytes)
+    }
 }
 
 /// State of the writer task.
@@ -313,6 +366,8 @@ pub(super) struct Writer {
     pub(super) next_added: u64,
     /// Most entries gathered into one group commit.
     pub(super) group_entries_max: usize,
+    /// Most entries, and the bytes after which a block is closed, of one block.
+    pub(super) block_limits: (usize, usize),
 }
 
 impl Writer {
@@ -375,8 +430,7 @@ impl Writer {
         let mut group_ids = HashMap::new();
         let mut group_states = HashMap::new();
         let mut group_tasks = GroupTasks::default();
-        let mut stored = Vec::new();
-        let mut stored_bytes = Vec::new();
+        let mut stored = GroupEntries::default();
         let mut staged = Vec::with_capacity(group.len());
         let next_before = self.next_added;
         for request in group {
@@ -386,7 +440,7 @@ impl Writer {
                     &mut group_ids,
                     &mut group_states,
                     &mut batch,
-                    (&mut stored, &mut stored_bytes),
+                    &mut stored,
                 )
             } else {
                 self.stage_replicated(
@@ -395,7 +449,7 @@ impl Writer {
                     &mut group_states,
                     &mut group_tasks,
                     &mut batch,
-                    (&mut stored, &mut stored_bytes),
+                    &mut stored,
                 )
             };
             if let Ok(outcomes) = &result {
@@ -409,6 +463,7 @@ impl Writer {
             });
         }
 
+        let (stored, stored_bytes) = stored.stage(self.block_limits, &mut batch);
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
         let moved = self.next_added > next_before;
@@ -462,16 +517,15 @@ impl Writer {
         group_ids: &mut HashMap<String, u64>,
         group_states: &mut HashMap<String, Vec<u8>>,
         batch: &mut CountedBatch,
-        (stored, stored_bytes): (&mut Vec<Arc<Entry>>, &mut Vec<usize>),
+        stored: &mut GroupEntries,
     ) -> Result<Vec<AppendOutcome>, LogError> {
         let first_added = self.next_added;
         let mut outcomes = Vec::with_capacity(entries.len());
-        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut ids: Vec<(Vec<u8>, u64)> = Vec::new();
         let mut fresh = Vec::new();
         // States changed by this request; merged into the group's only if it succeeds.
         let mut states: HashMap<String, Vec<u8>> = HashMap::new();
         let mut result = Ok(());
-        let mut sizes = Vec::new();
         for mut entry in entries {
             // Not stored: the entry readers get back from the window must equal the decoded one.
             let fresh_id = std::mem::take(&mut entry.meta.fresh_id);
@@ -498,8 +552,8 @@ impl Writer {
             }
             let added = self.next_added;
             entry.meta.added = added;
-            let (entry_records, bytes) = match entry_records(&entry, fresh_id) {
-                Ok(built) => built,
+            let (json, bytes) = match encode_entry(&entry) {
+                Ok(encoded) => encoded,
                 Err(error) => {
                     result = Err(error);
                     break;
@@ -509,32 +563,32 @@ impl Writer {
                 result = Err(error);
                 break;
             }
-            sizes.push(bytes);
-            records.extend(entry_records);
             if !fresh_id {
+                ids.push((id_key(&entry.meta.id), added));
                 group_ids.insert(entry.meta.id.clone(), added);
             }
             // A u64 counter that grows by one per stored entry does not overflow in practice.
             self.next_added += 1;
             outcomes.push(AppendOutcome::Appended(added));
-            fresh.push(entry);
+            fresh.push((entry, json, bytes));
         }
         if let Err(error) = result {
             self.next_added = first_added;
-            for entry in &fresh {
+            for (entry, _, _) in &fresh {
                 group_ids.remove(&entry.meta.id);
             }
             return Err(error);
         }
-        for (key, value) in records {
-            batch.insert(key, value);
+        for (key, added) in ids {
+            batch.insert(key, added.to_be_bytes());
         }
         for (object, state) in states {
             batch.insert(state_key(&object), state.clone());
             group_states.insert(object, state);
         }
-        stored.extend(fresh.into_iter().map(Arc::new));
-        stored_bytes.extend(sizes);
+        for (entry, json, bytes) in fresh {
+            stored.push(entry, json, bytes);
+        }
         Ok(outcomes)
     }
 
