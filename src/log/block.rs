@@ -6,9 +6,11 @@
 //! a block lists each entry's own `added`, a posting its positions, so retention can rewrite
 //! either under its old key with only the positions it keeps.
 //!
-//! Block value: `BLOCK_VERSION`, then per entry the `added` as a varint delta from the
-//! previous one (from 0 for the first), the JSON length as a varint, and the JSON text.
-//! Posting value: the positions as varint deltas, the first from 0.
+//! Block value: `BLOCK_VERSION` (u8), the base position (u64 BE), the entry count (u32 BE),
+//! then a table with, per entry, its `added` minus the base and the end of its JSON in the
+//! bodies (u32 BE each), then the JSON bodies back to back. A reader finds one entry by a
+//! binary search of the table. Posting value: the positions as varint deltas, the first
+//! from 0.
 
 use super::keys::describe_key;
 use super::LogError;
@@ -41,6 +43,11 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     None
 }
 
+/// Bytes of the block header: version, base and count.
+const BLOCK_HEADER_LEN: usize = 1 + 8 + 4;
+/// Bytes of one table row: the position's offset from the base and the body's end.
+const BLOCK_ROW_LEN: usize = 8;
+
 /// Builds the blocks of one group commit, each within the given limits.
 pub(super) struct BlockBuilder {
     /// Most entries in one block.
@@ -49,15 +56,55 @@ pub(super) struct BlockBuilder {
     bytes_max: usize,
     /// Finished blocks: `(first added, value)`.
     done: Vec<(u64, Vec<u8>)>,
-    /// The open block: its first `added`, the last, the entries in it and its value.
+    /// The open block.
     open: Option<OpenBlock>,
 }
 
+/// A block being filled.
 struct OpenBlock {
-    first: u64,
-    last: u64,
-    entries: usize,
-    value: Vec<u8>,
+    base: u64,
+    /// `(added - base, end of the body)` per entry.
+    rows: Vec<(u32, u32)>,
+    bodies: Vec<u8>,
+}
+
+impl OpenBlock {
+    fn new(base: u64) -> OpenBlock {
+        OpenBlock {
+            base,
+            rows: Vec::new(),
+            bodies: Vec::new(),
+        }
+    }
+
+    /// The row of an entry at `added` with `len` bytes, if this block can still take it.
+    fn row_for(&self, added: u64, len: usize) -> Option<(u32, u32)> {
+        let offset = u32::try_from(added.checked_sub(self.base)?).ok()?;
+        let end = u32::try_from(self.bodies.len().checked_add(len)?).ok()?;
+        Some((offset, end))
+    }
+
+    fn push(&mut self, row: (u32, u32), json: &[u8]) {
+        self.rows.push(row);
+        self.bodies.extend_from_slice(json);
+    }
+
+    fn finish(self) -> (u64, Vec<u8>) {
+        let mut value = Vec::with_capacity(
+            BLOCK_HEADER_LEN + self.rows.len() * BLOCK_ROW_LEN + self.bodies.len(),
+        );
+        value.push(BLOCK_VERSION);
+        value.extend_from_slice(&self.base.to_be_bytes());
+        // Blocks hold at most `entries_max` entries, far below 4 billion.
+        let count = u32::try_from(self.rows.len()).unwrap_or(u32::MAX);
+        value.extend_from_slice(&count.to_be_bytes());
+        for (offset, end) in &self.rows {
+            value.extend_from_slice(&offset.to_be_bytes());
+            value.extend_from_slice(&end.to_be_bytes());
+        }
+        value.extend_from_slice(&self.bodies);
+        (self.base, value)
+    }
 }
 
 impl BlockBuilder {
@@ -72,28 +119,31 @@ impl BlockBuilder {
 
     /// Adds the entry stored at `added` (above every `added` pushed before).
     pub(super) fn push(&mut self, added: u64, json: &[u8]) {
-        let full = self.open.as_ref().is_some_and(|block| {
-            block.entries >= self.entries_max || block.value.len() + json.len() > self.bytes_max
+        let fits = self.open.as_ref().and_then(|block| {
+            let room = block.rows.len() < self.entries_max
+                && block.bodies.len() + json.len() <= self.bytes_max;
+            room.then(|| block.row_for(added, json.len())).flatten()
         });
-        if full {
-            self.close();
+        let row = match fits {
+            Some(row) => row,
+            None => {
+                self.close();
+                let block = OpenBlock::new(added);
+                let row = block.row_for(added, json.len());
+                self.open = Some(block);
+                // A single entry of 4 GiB or more cannot be stored in a block; entries are
+                // bounded by the frame size limit, far below that.
+                row.unwrap_or((0, u32::MAX))
+            }
+        };
+        if let Some(block) = self.open.as_mut() {
+            block.push(row, json);
         }
-        let block = self.open.get_or_insert_with(|| OpenBlock {
-            first: added,
-            last: 0,
-            entries: 0,
-            value: vec![BLOCK_VERSION],
-        });
-        put_varint(&mut block.value, added - block.last);
-        put_varint(&mut block.value, json.len() as u64);
-        block.value.extend_from_slice(json);
-        block.last = added;
-        block.entries += 1;
     }
 
     fn close(&mut self) {
         if let Some(block) = self.open.take() {
-            self.done.push((block.first, block.value));
+            self.done.push(block.finish());
         }
     }
 
@@ -109,54 +159,113 @@ pub(super) struct Block<V: AsRef<[u8]>> {
     /// The record's key, for error messages.
     key: Vec<u8>,
     value: V,
+    base: u64,
+    count: usize,
 }
 
 impl<V: AsRef<[u8]>> Block<V> {
-    /// A block read from the record `key`; checks its version.
+    /// A block read from the record `key`; checks its version and that its table fits.
     pub(super) fn new(key: &[u8], value: V) -> Result<Block<V>, LogError> {
-        if value.as_ref().first() != Some(&BLOCK_VERSION) {
-            return Err(LogError::Corrupt {
-                key: describe_key(key),
-                reason: "not a block of log format 2".to_owned(),
-            });
+        let corrupt = |reason: &str| LogError::Corrupt {
+            key: describe_key(key),
+            reason: reason.to_owned(),
+        };
+        let bytes = value.as_ref();
+        if bytes.first() != Some(&BLOCK_VERSION) {
+            return Err(corrupt("not a block of log format 2"));
         }
-        Ok(Block {
+        let header = bytes
+            .get(..BLOCK_HEADER_LEN)
+            .ok_or_else(|| corrupt("block header cut short"))?;
+        let base = u64::from_be_bytes(header[1..9].try_into().map_err(|_| corrupt("base"))?);
+        let count = u32::from_be_bytes(header[9..13].try_into().map_err(|_| corrupt("count"))?);
+        let count = count as usize;
+        let table_end = count
+            .checked_mul(BLOCK_ROW_LEN)
+            .and_then(|len| len.checked_add(BLOCK_HEADER_LEN))
+            .filter(|end| *end <= bytes.len())
+            .ok_or_else(|| corrupt("block table cut short"))?;
+        let block = Block {
             key: key.to_vec(),
             value,
-        })
+            base,
+            count,
+        };
+        // The last body must end inside the value: then every body does.
+        if count > 0 {
+            let (_, end) = block.row(count - 1);
+            if table_end + end as usize > block.value.as_ref().len() {
+                return Err(corrupt("block bodies cut short"));
+            }
+        }
+        Ok(block)
+    }
+
+    /// Row `index` of the table: `(added - base, end of the body)`.
+    fn row(&self, index: usize) -> (u32, u32) {
+        let at = BLOCK_HEADER_LEN + index * BLOCK_ROW_LEN;
+        let bytes = self.value.as_ref();
+        let word = |from: usize| {
+            bytes
+                .get(from..from + 4)
+                .and_then(|word| <[u8; 4]>::try_from(word).ok())
+                .map_or(0, u32::from_be_bytes)
+        };
+        (word(at), word(at + 4))
+    }
+
+    /// Entry `index`: its `added` and JSON.
+    fn entry(&self, index: usize) -> Result<(u64, &[u8]), LogError> {
+        let bodies = BLOCK_HEADER_LEN + self.count * BLOCK_ROW_LEN;
+        let start = match index {
+            0 => 0,
+            _ => self.row(index - 1).1 as usize,
+        };
+        let (offset, end) = self.row(index);
+        let json = self
+            .value
+            .as_ref()
+            .get(bodies + start..bodies + end as usize)
+            .ok_or_else(|| LogError::Corrupt {
+                key: describe_key(&self.key),
+                reason: "block entry out of bounds".to_owned(),
+            })?;
+        Ok((self.base + u64::from(offset), json))
     }
 
     /// The entries as `(added, JSON)`, ascending.
-    pub(super) fn entries(&self) -> BlockEntries<'_> {
-        BlockEntries {
-            bytes: self.value.as_ref(),
-            at: 1,
-            added: 0,
-            key: &self.key,
-        }
+    pub(super) fn entries(&self) -> impl Iterator<Item = Result<(u64, &[u8]), LogError>> {
+        (0..self.count).map(|index| self.entry(index))
     }
 
     /// The JSON of the entry at `added`, if the block holds it.
     pub(super) fn get(&self, added: u64) -> Result<Option<&[u8]>, LogError> {
-        for item in self.entries() {
-            let (at, json) = item?;
-            if at == added {
-                return Ok(Some(json));
-            }
-            if at > added {
-                break;
+        let Some(offset) = added
+            .checked_sub(self.base)
+            .and_then(|offset| u32::try_from(offset).ok())
+        else {
+            return Ok(None);
+        };
+        // Rows ascend by offset: binary search over the table.
+        let (mut low, mut high) = (0, self.count);
+        while low < high {
+            let middle = (low + high) / 2;
+            let (at, _) = self.row(middle);
+            match at.cmp(&offset) {
+                std::cmp::Ordering::Less => low = middle + 1,
+                std::cmp::Ordering::Greater => high = middle,
+                std::cmp::Ordering::Equal => return self.entry(middle).map(|(_, json)| Some(json)),
             }
         }
         Ok(None)
     }
 
-    /// The highest `added` the block holds (0 for an empty one).
-    pub(super) fn last(&self) -> Result<u64, LogError> {
-        let mut last = 0;
-        for item in self.entries() {
-            last = item?.0;
+    /// The highest `added` the block holds (its base for an empty one).
+    pub(super) fn last(&self) -> u64 {
+        match self.count {
+            0 => self.base,
+            count => self.base + u64::from(self.row(count - 1).0),
         }
-        Ok(last)
     }
 
     /// The record's key.
@@ -165,57 +274,21 @@ impl<V: AsRef<[u8]>> Block<V> {
     }
 }
 
-/// Iterator over a block's entries.
-pub(super) struct BlockEntries<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    added: u64,
-    key: &'a [u8],
-}
-
-impl<'a> Iterator for BlockEntries<'a> {
-    type Item = Result<(u64, &'a [u8]), LogError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.at >= self.bytes.len() {
-            return None;
-        }
-        let parsed = (|| {
-            let delta = get_varint(self.bytes, &mut self.at)?;
-            let len = usize::try_from(get_varint(self.bytes, &mut self.at)?).ok()?;
-            let end = self.at.checked_add(len)?;
-            let json = self.bytes.get(self.at..end)?;
-            self.at = end;
-            Some((self.added.checked_add(delta)?, json))
-        })();
-        match parsed {
-            Some((added, json)) => {
-                self.added = added;
-                Some(Ok((added, json)))
-            }
-            None => {
-                // Stop here: what follows a torn entry cannot be trusted.
-                self.at = self.bytes.len();
-                Some(Err(LogError::Corrupt {
-                    key: describe_key(self.key),
-                    reason: "block entry cut short".to_owned(),
-                }))
-            }
-        }
-    }
-}
-
-/// A block value holding `entries` (ascending), for retention's rewrite.
+/// A block value holding `entries` (ascending, spanning less than 2^32 positions), for
+/// retention's rewrite.
 pub(super) fn encode_block<'a>(entries: impl IntoIterator<Item = (u64, &'a [u8])>) -> Vec<u8> {
-    let mut value = vec![BLOCK_VERSION];
-    let mut last = 0;
+    let mut builder = BlockBuilder::new(usize::MAX, usize::MAX);
     for (added, json) in entries {
-        put_varint(&mut value, added - last);
-        put_varint(&mut value, json.len() as u64);
-        value.extend_from_slice(json);
-        last = added;
+        builder.push(added, json);
     }
-    value
+    builder
+        .finish()
+        .pop()
+        .map(|(_, value)| value)
+        .unwrap_or_else(|| {
+            let (_, value) = OpenBlock::new(0).finish();
+            value
+        })
 }
 
 /// A posting value holding `positions` (ascending).
@@ -287,13 +360,15 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_block_reports_corruption_instead_of_inventing_entries() {
+    fn a_torn_block_is_refused_instead_of_inventing_entries() {
         let value = encode_block([(3, &b"{\"a\":1}"[..]), (4, &b"{}"[..])]);
-        let torn = &value[..value.len() - 1];
-        let block = Block::new(b"b", torn).expect("version byte present");
-        let items: Vec<_> = block.entries().collect();
-        assert!(matches!(items[0], Ok((3, _))));
-        assert!(items[1].is_err());
+        for cut in 0..value.len() {
+            assert!(Block::new(b"b", &value[..cut]).is_err(), "cut at {cut}");
+        }
+        let block = Block::new(b"b", value.as_slice()).expect("whole block");
+        assert_eq!(block.get(4).expect("get"), Some(&b"{}"[..]));
+        assert_eq!(block.get(5).expect("get"), None);
+        assert_eq!(block.last(), 4);
         assert!(Block::new(b"b", &b"\x07"[..]).is_err());
     }
 
@@ -323,7 +398,7 @@ mod tests {
                     .collect::<Result<_, _>>()
                     .expect("entries");
                 prop_assert_eq!(entries.first().map(|e| e.0), Some(first));
-                prop_assert_eq!(block.last().expect("last"), entries.last().map_or(0, |e| e.0));
+                prop_assert_eq!(block.last(), entries.last().map_or(0, |e| e.0));
                 for (a, json) in &entries {
                     prop_assert_eq!(block.get(*a).expect("get"), Some(json.as_slice()));
                 }

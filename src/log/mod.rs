@@ -317,7 +317,7 @@ impl Shared {
                 let (key, value) = item?;
                 let first = keys::added_suffix(&key)?;
                 let block = Block::new(&key, value)?;
-                let last = block.last()?;
+                let last = block.last();
                 Ok(Some(CachedBlock { first, last, block }))
             }
             None => Ok(None),
@@ -466,7 +466,7 @@ impl Log {
         let highest_entry = match db.scan_prefix([BLOCK_PREFIX]).next_back() {
             Some(item) => {
                 let (key, value) = item?;
-                Block::new(&key, value)?.last()?
+                Block::new(&key, value)?.last()
             }
             None => 0,
         };

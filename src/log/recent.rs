@@ -19,7 +19,17 @@ pub(super) fn estimated_bytes(json_len: usize) -> usize {
     ENTRY_OVERHEAD_BYTES.saturating_add(json_len.saturating_mul(2))
 }
 
-/// The newest entries, ascending by `added`, within a memory budget.
+/// Whether readers are likely to ask for `entry` again soon: channel entries are read by every
+/// subscription to their channel, and entries for users by each of their connections. An
+/// entry only for some clients or nodes (the `logux/processed` answer to a client's action)
+/// is read only when that client reconnects, so keeping it would halve what the window holds
+/// for everybody else.
+fn rereads_likely(entry: &Entry) -> bool {
+    !entry.meta.channels.is_empty() || !entry.meta.users.is_empty()
+}
+
+/// The newest entries likely to be read again (see `rereads_likely`), ascending by `added`,
+/// within a memory budget.
 pub(super) struct RecentEntries {
     /// The budget; 0 keeps nothing.
     bytes_max: usize,
@@ -56,6 +66,9 @@ impl RecentEntries {
         }
         let mut window = self.lock();
         for (entry, &size) in entries.iter().zip(sizes) {
+            if !rereads_likely(entry) {
+                continue;
+            }
             let added = entry.meta.added;
             if window
                 .entries
@@ -126,9 +139,25 @@ mod tests {
             Meta {
                 id: format!("{added} n 0"),
                 added,
+                channels: vec!["room".to_owned()],
                 ..Meta::default()
             },
         ))
+    }
+
+    #[test]
+    fn answers_only_for_clients_are_not_kept() {
+        let recent = RecentEntries::new(1_000);
+        let mut answer = Entry::clone(&entry(2));
+        answer.meta.channels.clear();
+        answer.meta.clients = vec!["10:a".to_owned()];
+        let mut for_user = Entry::clone(&entry(3));
+        for_user.meta.channels.clear();
+        for_user.meta.users = vec!["10".to_owned()];
+        recent.push(&[entry(1), Arc::new(answer), Arc::new(for_user)], &[10; 3]);
+        assert!(recent.get(1).is_some());
+        assert!(recent.get(2).is_none(), "read from storage instead");
+        assert!(recent.get(3).is_some());
     }
 
     #[test]
