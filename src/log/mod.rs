@@ -41,7 +41,7 @@ const REMOVE_BATCH_ENTRIES: usize = 1_024;
 /// Default most entries in one block.
 pub const BLOCK_ENTRIES_MAX_DEFAULT: usize = 256;
 /// Default bytes of entry JSON after which a block is closed.
-pub const BLOCK_BYTES_MAX_DEFAULT: usize = 64 * 1024;
+pub const BLOCK_BYTES_MAX_DEFAULT: usize = 8 * 1024;
 /// How long `open` waits for the directory lock: after `close`, sled's background threads
 /// may hold the lock of the same directory for a moment, and reopening in the same process
 /// (tests, restarts of the server inside one process) must not fail because of that.
