@@ -299,6 +299,7 @@ pub async fn run(args: AcksArgs) -> Result<Outcome, String> {
     );
     // Phase 2: send until every action is acknowledged and answered.
     let cpu_start = pid.and_then(sys::pids_cpu);
+    let threads = pid.map(sys::ThreadsMeter::start);
     let own_cpu_start = sys::own_cpu();
     let start = Instant::now();
     shared.started.store(true, Ordering::Release);
@@ -319,6 +320,7 @@ pub async fn run(args: AcksArgs) -> Result<Outcome, String> {
     }
     let send_elapsed = start.elapsed();
     let cpu_end = pid.and_then(sys::pids_cpu);
+    let threads_cpu = threads.as_ref().map(sys::ThreadsMeter::json);
     let own_cpu_sending = sys::own_cpu().since(&own_cpu_start).total_s();
     let _ = stop_tx.send(true);
     let mut clients = Vec::with_capacity(c);
@@ -411,6 +413,7 @@ pub async fn run(args: AcksArgs) -> Result<Outcome, String> {
             "pids": pid.list(),
             "peak_rss_bytes": server_peak,
             "cpu_s_sending": sys::cpu_s_between(&cpu_start, &cpu_end),
+            "threads_cpu_s_sending": threads_cpu,
             "cpu_s": setup.server_cpu_s(common),
         })),
         "generator": setup.generator_json_phase(common, own_cpu_sending, send_elapsed),

@@ -294,7 +294,7 @@ pub async fn run(args: BacklogArgs) -> Result<Outcome, String> {
     // The backlog phase: from the client's connect until its last answer.
     monitor.set_phase(monitor::phase::LOAD);
     let cpu_start = pid.and_then(sys::pids_cpu);
-    let threads_start = pid.map(|p| sys::threads_cpu(p.first()));
+    let threads = pid.map(sys::ThreadsMeter::start);
     let own_cpu_start = sys::own_cpu();
     let start = Instant::now();
     let (stop_tx, mut stop) = Stop::new();
@@ -325,7 +325,7 @@ pub async fn run(args: BacklogArgs) -> Result<Outcome, String> {
     let phase_elapsed = start.elapsed();
     monitor.set_phase(monitor::phase::AFTER_LOAD);
     let cpu_end = pid.and_then(sys::pids_cpu);
-    let threads_end = pid.map(|p| sys::threads_cpu(p.first()));
+    let threads_cpu = threads.as_ref().map(sys::ThreadsMeter::json);
     let own_cpu_phase = sys::own_cpu().since(&own_cpu_start).total_s();
     if let Some(p) = progress {
         p.abort();
@@ -421,10 +421,7 @@ pub async fn run(args: BacklogArgs) -> Result<Outcome, String> {
             "pids": pid.list(),
             "peak_rss_bytes": server_peak,
             "cpu_s_backlog": sys::cpu_s_between(&cpu_start, &cpu_end),
-            "threads_cpu_s_backlog": match (&threads_start, &threads_end) {
-                (Some(a), Some(b)) => sys::threads_cpu_between(a, b),
-                _ => Value::Null,
-            },
+            "threads_cpu_s_backlog": threads_cpu,
             "cpu_s": setup.server_cpu_s(common),
         })),
         "generator": setup.generator_json_phase(common, own_cpu_phase, phase_elapsed),

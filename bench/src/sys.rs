@@ -214,6 +214,31 @@ pub fn threads_cpu_between(
     )
 }
 
+/// The first measured process's per-thread CPU from a start, for a summary's
+/// `threads_cpu_s` (see [`threads_cpu_between`]).
+#[derive(Debug)]
+pub struct ThreadsMeter {
+    /// The process.
+    pid: u32,
+    /// Its threads at the start.
+    start: std::collections::BTreeMap<String, CpuTimes>,
+}
+
+impl ThreadsMeter {
+    /// Starts measuring the first of `pids`.
+    pub fn start(pids: Pids) -> ThreadsMeter {
+        ThreadsMeter {
+            pid: pids.first(),
+            start: threads_cpu(pids.first()),
+        }
+    }
+
+    /// `{thread name: CPU seconds}` since the start, busiest first.
+    pub fn json(&self) -> serde_json::Value {
+        threads_cpu_between(&self.start, &threads_cpu(self.pid))
+    }
+}
+
 /// The soft and hard "Max open files" limits of this process (`None` = unlimited).
 #[derive(Debug, Clone, Copy)]
 pub struct FdLimits {
