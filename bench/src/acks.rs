@@ -177,11 +177,11 @@ impl Workload for AcksClient {
         }
         self.sending.wake_at()
     }
-    fn on_sync(&mut self, pairs: &[Value], now: Instant) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant) {
         let now_us = wall_us();
         let errors = &self.shared.ctx.errors;
-        for action in pairs.chunks_exact(2).map(|pair| &pair[0]) {
-            let undo = match client::action_type(action) {
+        for action in pairs.iter().map(|pair| &pair.action) {
+            let undo = match action.kind() {
                 "logux/processed" => false,
                 "logux/undo" => true,
                 // Nobody else is in this client's room: anything else is unexpected.

@@ -146,11 +146,11 @@ impl Workload for BacklogClient {
         }
         Some(out)
     }
-    fn on_sync(&mut self, pairs: &[Value], now: Instant) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant) {
         let now_us = wall_us();
         let errors = &self.shared.ctx.errors;
-        for action in pairs.chunks_exact(2).map(|pair| &pair[0]) {
-            let undo = match client::action_type(action) {
+        for action in pairs.iter().map(|pair| &pair.action) {
+            let undo = match action.kind() {
                 "logux/processed" => false,
                 "logux/undo" => true,
                 other => {

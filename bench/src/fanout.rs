@@ -279,13 +279,13 @@ impl Workload for FanoutClient {
         }
         self.sending.wake_at()
     }
-    fn on_sync(&mut self, pairs: &[Value], now: Instant) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant) {
         let now_us = wall_us();
         let per_client = self.shared.actions;
         let total = (self.shared.clients * per_client) as u64;
-        for pair in pairs.chunks_exact(2) {
-            let (action, meta) = (&pair[0], &pair[1]);
-            match client::action_type(action) {
+        for pair in pairs {
+            let (action, meta) = (&pair.action, &pair.meta);
+            match action.kind() {
                 kind @ ("logux/processed" | "logux/undo") => {
                     let undo = kind == "logux/undo";
                     let errors = &self.shared.ctx.errors;
@@ -295,12 +295,9 @@ impl Workload for FanoutClient {
                     };
                     if self.sub == Some((ms, seq)) {
                         if !undo {
-                            let since_id = meta.get("id").and_then(|id| {
-                                proto::decode_meta_id(id, self.base_time, &self.server_node)
-                            });
-                            if let (Some(id), Some(time)) =
-                                (since_id, meta.get("time").and_then(Value::as_i64))
-                            {
+                            let since_id =
+                                proto::decode_meta_id(&meta.id, self.base_time, &self.server_node);
+                            if let (Some(id), Some(time)) = (since_id, meta.time()) {
                                 self.since = Some((id, time + self.base_time));
                             }
                         }
@@ -319,7 +316,7 @@ impl Workload for FanoutClient {
                     }
                 }
                 t if t == self.shared.action_type => {
-                    let n = action.get("n").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                    let n = action.n().unwrap_or(u64::MAX);
                     let sender = (n as usize) / per_client;
                     if n >= total
                         || sender == self.index
@@ -337,8 +334,7 @@ impl Workload for FanoutClient {
                     self.received_count += 1;
                     self.shared.deliveries.fetch_add(1, Ordering::Relaxed);
                     let sent_us = action
-                        .get("sent_at_ms")
-                        .and_then(Value::as_f64)
+                        .sent_at_ms()
                         .map_or(now_us, |ms| (ms * 1000.0) as u64);
                     let latency = now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32;
                     // The sender's node as it is now (it may have moved since, with

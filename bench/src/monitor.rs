@@ -405,7 +405,7 @@ impl Workload for Pinger {
     fn wake_at(&self) -> Option<Instant> {
         self.connected.then_some(self.next_ping)
     }
-    fn on_sync(&mut self, _pairs: &[Value], _now: Instant) {}
+    fn on_sync(&mut self, _pairs: &[proto::Pair], _now: Instant) {}
     fn on_synced(&mut self, _added: u64, _now: Instant) {}
     fn on_pong(&mut self, now: Instant) {
         if let Some((sent, tag, wall)) = self.outstanding.pop_front() {

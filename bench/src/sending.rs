@@ -10,7 +10,6 @@
 use crate::client::Outgoing;
 use crate::proto::{self, IdGen, SyncFrame};
 use crate::stats::ErrorCounts;
-use serde_json::Value;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -325,20 +324,15 @@ impl Sending {
 /// `logux/undo` answers; an undo's reason is counted as `undo:<reason>`. `None`, counted as
 /// `unknown_processed`, for an id of another node or none.
 pub fn own_answer(
-    action: &Value,
+    action: &proto::Action,
     undo: bool,
     node_id: &str,
     errors: &ErrorCounts,
 ) -> Option<(u64, u32)> {
     if undo {
-        let reason = action
-            .get("reason")
-            .and_then(Value::as_str)
-            .unwrap_or("none");
-        errors.add(&format!("undo:{reason}"));
+        errors.add(&format!("undo:{}", action.reason().unwrap_or("none")));
     }
-    let id = action.get("id").and_then(Value::as_str).unwrap_or("");
-    match proto::parse_action_id(id) {
+    match proto::parse_action_id(action.id().unwrap_or("")) {
         Some(p) if p.node == node_id => Some((p.ms, p.seq)),
         _ => {
             errors.add("unknown_processed");
