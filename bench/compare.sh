@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Measures Ferry and @logux/server 0.14 side by side on this machine: storm at 1,000 / 5,000 /
-# 15,000 clients (20 actions each), fanout at 50 clients, and idle connections. Every cell
+# 15,000 clients (20 actions each), fanout at 50 clients, idle connections, acks (100 clients
+# without fan-out) and backlog (one 200,000-action sync with 20 pingers). Every cell
 # runs on a freshly started server (and an empty data directory for Ferry). Results go to
 # bench/results/<date>/*.json; a summary table is printed at the end.
 #
@@ -15,6 +16,8 @@ STORM_SIZES=${STORM_SIZES:-"1000 5000 15000"}
 STORM_ACTIONS=${STORM_ACTIONS:-20}
 FANOUT_CLIENTS=${FANOUT_CLIENTS:-50}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+ACKS_CLIENTS=${ACKS_CLIENTS:-100}
+BACKLOG_ACTIONS=${BACKLOG_ACTIONS:-200000}
 FERRY_PORT=31340
 REF_PORT=31338
 OUT=${OUT:-"bench/results/$(date +%Y-%m-%d)"}
@@ -77,6 +80,8 @@ done
 for server in ferry reference; do
   run_cell "fanout-$FANOUT_CLIENTS-$server" $server fanout --clients "$FANOUT_CLIENTS" --actions 200 --timeout-s 120
   run_cell "idle-$IDLE_CLIENTS-$server" $server idle --clients "$IDLE_CLIENTS" --hold-s 5 --timeout-s 120
+  run_cell "acks-$ACKS_CLIENTS-$server" $server acks --clients "$ACKS_CLIENTS" --actions 1000 --timeout-s 120
+  run_cell "backlog-$BACKLOG_ACTIONS-$server" $server backlog --actions "$BACKLOG_ACTIONS" --timeout-s 180
 done
 
 python3 - "$OUT" <<'PY'
@@ -114,6 +119,17 @@ for name in sorted(os.listdir(out)):
         text = (f"{d['deliveries_per_s']:.0f} deliveries/s, {d['actions_per_s']:.0f} actions/s, latency p50/p99/p999 "
                 f"{l['p50']}/{l['p99']}/{l['p999']} ms, missing {d['missing_deliveries']}, "
                 f"generator CPU {d['generator']['cpu_pct_of_wall']:.0f}%")
+    elif d.get("scenario") == "acks":
+        l = d["synced_latency_ms"]
+        text = (f"{d['synced_per_s'] or 0:.0f} acknowledged actions/s, send-to-synced p50/p99 "
+                f"{l['p50']}/{l['p99']} ms, not synced {d['not_synced']}, duplicated {d['duplicated']['total']}, "
+                f"server CPU {(d['server'] or {}).get('cpu_s_sending')} s, "
+                f"generator CPU {d['generator']['phase_cpu_pct_of_wall']:.0f}%")
+    elif d.get("scenario") == "backlog":
+        p = d["pinger_rtt_ms"]["backlog"]
+        text = (f"{d['processed_actions_per_s'] or 0:.0f} processed actions/s, synced after {d['synced_ms']} ms, "
+                f"last processed after {d['processed_ms']} ms, bystander ping p50/p99/max "
+                f"{p['p50']}/{p['p99']}/{p['max']} ms, server CPU {(d['server'] or {}).get('cpu_s_backlog')} s")
     elif d.get("scenario") == "idle":
         s = d["server"]
         text = f"{d['connected']} connected, {s['bytes_per_connection']:.0f} bytes per connection"

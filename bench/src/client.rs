@@ -13,7 +13,6 @@ use crate::proto::{self, ServerMsg};
 use crate::stats::ErrorCounts;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
-use serde_json::Value;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -119,7 +118,7 @@ pub trait Workload {
         None
     }
     /// The pairs of a server `sync` (`synced` is sent by the loop).
-    fn on_sync(&mut self, pairs: &[Value], now: Instant);
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant);
     /// A `synced` answer.
     fn on_synced(&mut self, added: u64, now: Instant);
     /// A `pong` answer.
@@ -438,11 +437,6 @@ async fn handle<W: Workload>(
         }
     }
     Step::Continue
-}
-
-/// The JSON `type` of an action in a `sync` pair.
-pub fn action_type(action: &Value) -> &str {
-    action.get("type").and_then(Value::as_str).unwrap_or("")
 }
 
 /// Wall-clock time in µs since the epoch (action ids and `sent_at_ms` use the wall clock).

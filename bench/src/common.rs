@@ -13,6 +13,9 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+/// How often a client that is ready checks whether the sending phase started.
+pub const START_POLL_MS: u64 = 5;
+
 /// Flags every scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
@@ -253,6 +256,25 @@ impl Setup {
             map.insert(
                 "source_addr_exhaustions".into(),
                 json!(self.ctx.connector.sources.exhaustions()),
+            );
+        }
+        out
+    }
+
+    /// [`Setup::generator_json`] plus the generator's CPU in the scenario's measured phase
+    /// (`phase_cpu_s`, and as a percentage of that phase's wall time).
+    pub fn generator_json_phase(&self, common: &Common, cpu_s: f64, wall: Duration) -> Value {
+        let mut out = self.generator_json(common);
+        if let Value::Object(map) = &mut out {
+            let wall_s = wall.as_secs_f64();
+            map.insert("phase_cpu_s".into(), json!(sys::round3(cpu_s)));
+            map.insert(
+                "phase_cpu_pct_of_wall".into(),
+                json!(if wall_s > 0.0 {
+                    sys::round3(100.0 * cpu_s / wall_s)
+                } else {
+                    0.0
+                }),
             );
         }
         out

@@ -12,7 +12,9 @@
 
 use crate::client::{self, wall_ms, wall_us, ClientCtx, Outgoing, Stop, Workload};
 use crate::common::{self, Common, Setup};
-use crate::proto::{self, IdGen, SyncFrame};
+use crate::monitor::RssPeak;
+use crate::proto::{self, SyncFrame};
+use crate::sending::{self, Answer, Pace, Sending};
 use crate::stats;
 use crate::sys;
 use crate::Outcome;
@@ -26,8 +28,6 @@ use tokio::time::Instant;
 /// Most deliveries one run may expect (C·(C−1)·M): bounds the receive bitmaps and latency
 /// samples (4 bytes each).
 pub const FANOUT_DELIVERIES_MAX: u64 = 50_000_000;
-/// How often a subscribed client checks whether the sending phase started.
-pub const START_POLL_MS: u64 = 5;
 
 /// `fanout` flags.
 #[derive(clap::Args, Debug)]
@@ -87,10 +87,6 @@ struct Shared {
     clients: usize,
     /// M.
     actions: usize,
-    /// Most `sync`s without `synced`.
-    window: usize,
-    /// Time between two actions of a client, if rate-limited.
-    interval: Option<Duration>,
     /// Clients whose first subscribe was processed.
     subscribed: AtomicUsize,
     /// Clients that got every answer and every delivery.
@@ -107,25 +103,6 @@ struct Shared {
     stopping: AtomicBool,
 }
 
-/// One action of a fanout client.
-#[derive(Debug, Clone)]
-struct Act {
-    /// Id `ms`.
-    ms: u64,
-    /// Id `seq`.
-    seq: u32,
-    /// Our log position.
-    added: u64,
-    /// Wall clock when first sent, µs.
-    sent_us: u64,
-    /// `added` of the `sync` it went out in on this connection (0 = not sent).
-    in_sync: u64,
-    /// Got `synced`.
-    synced: bool,
-    /// Times `logux/processed`/`undo` arrived.
-    answers: u8,
-}
-
 /// One fanout client.
 #[derive(Debug)]
 struct FanoutClient {
@@ -135,10 +112,8 @@ struct FanoutClient {
     node_id: String,
     /// Shared state.
     shared: Arc<Shared>,
-    /// Id generator.
-    ids: IdGen,
-    /// Our log position.
-    own_added: u64,
+    /// Our actions (and the ids and log positions of the subscribes too).
+    sending: Sending,
     /// Highest server `added` seen.
     last_received: u64,
     /// `since` for re-subscribing.
@@ -149,26 +124,12 @@ struct FanoutClient {
     server_node: String,
     /// Connected now.
     connected: bool,
-    /// Unacknowledged actions must be re-sent on this connection.
-    resend: bool,
     /// The subscribe must be sent on this connection.
     send_subscribe: bool,
     /// This connection's subscribe id.
     sub: Option<(u64, u32)>,
     /// The first subscribe was processed (counted in `subscribed`).
     subscribed: bool,
-    /// Actions created so far (the next one is number `acts.len()`).
-    acts: Vec<Act>,
-    /// `sync`s without `synced` on this connection.
-    in_flight: usize,
-    /// Earliest time of the next action when rate-limited.
-    next_send_at: Instant,
-    /// Actions answered with processed.
-    processed: usize,
-    /// Actions answered with undo.
-    undone: usize,
-    /// Answers beyond the first for one action.
-    duplicated_processed: u64,
     /// Received bitmap over action numbers (C·M bits).
     received: Vec<u64>,
     /// Distinct actions received.
@@ -195,12 +156,8 @@ struct FanoutClient {
     /// When, after that close, the client was connected again, its subscribe processed and
     /// every action created before the close answered: wall µs.
     resynced_at_us: Option<u64>,
-    /// Send-to-processed latencies, µs.
-    ack_latencies_us: Vec<u32>,
-    /// Last delivery and last processed.
+    /// When the last delivery arrived.
     last_delivery: Option<Instant>,
-    /// When the last own action was processed.
-    last_processed: Option<Instant>,
     /// Counted in `done`.
     done: bool,
     /// Connect attempts.
@@ -225,9 +182,7 @@ impl FanoutClient {
         }
         if self.connected
             && self.subscribed_here
-            && self.acts[..self.pending_at_close]
-                .iter()
-                .all(|a| a.synced && a.answers > 0)
+            && self.sending.first_answered(self.pending_at_close)
         {
             self.resynced_at_us = Some(wall_us());
         }
@@ -235,35 +190,13 @@ impl FanoutClient {
 
     fn check_done(&mut self) {
         if !self.done
-            && self.processed + self.undone >= self.shared.actions
+            && self.sending.answered() >= self.shared.actions
             && self.received_count >= self.expected_deliveries()
         {
             self.done = true;
             if self.shared.done.fetch_add(1, Ordering::AcqRel) + 1 >= self.shared.clients {
                 self.shared.wake.notify_one();
             }
-        }
-    }
-
-    fn action_frame(&mut self, i: usize) -> Outgoing {
-        let room = self.room();
-        let act = &mut self.acts[i];
-        act.in_sync = act.added;
-        let n = (self.index * self.shared.actions + i) as u64;
-        let mut frame = SyncFrame::new(act.added);
-        frame.push(
-            &proto::bench_action(
-                &self.shared.type_json,
-                &self.shared.room_json[room],
-                n,
-                act.sent_us as f64 / 1000.0,
-            ),
-            &proto::own_meta(act.ms, act.seq, self.base_time),
-        );
-        self.in_flight += 1;
-        Outgoing {
-            text: frame.finish(),
-            expects_answer: true,
         }
     }
 }
@@ -279,7 +212,7 @@ impl Workload for FanoutClient {
         self.last_received = added;
     }
     fn own_added(&self) -> u64 {
-        self.own_added
+        self.sending.own_added
     }
     fn url_index(&self) -> usize {
         self.url
@@ -296,7 +229,7 @@ impl Workload for FanoutClient {
         self.base_time = base_time;
         self.server_node = server_node.to_owned();
         self.connected = true;
-        self.resend = true;
+        self.sending.on_connected();
         self.send_subscribe = true;
     }
     fn next_frame(&mut self, now: Instant) -> Option<Outgoing> {
@@ -305,9 +238,8 @@ impl Workload for FanoutClient {
         }
         if self.send_subscribe {
             self.send_subscribe = false;
-            let (ms, seq) = self.ids.next(wall_ms());
-            self.own_added += 1;
-            let mut frame = SyncFrame::new(self.own_added);
+            let (ms, seq, added) = self.sending.next_id(wall_ms());
+            let mut frame = SyncFrame::new(added);
             frame.push(
                 &proto::subscribe_action(
                     &self.shared.channel_json[self.room()],
@@ -322,84 +254,50 @@ impl Workload for FanoutClient {
                 expects_answer: true,
             });
         }
-        if self.resend {
-            // Actions sent on an earlier connection that never got `synced`: same ids.
-            if let Some(i) = self.acts.iter().position(|a| !a.synced && a.in_sync == 0) {
-                return Some(self.action_frame(i));
-            }
-            self.resend = false;
-        }
-        if !self.subscribed || !self.shared.started.load(Ordering::Relaxed) {
-            return None;
-        }
-        if self.acts.len() >= self.shared.actions || self.in_flight >= self.shared.window {
-            return None;
-        }
-        if self.shared.interval.is_some() && now < self.next_send_at {
-            return None;
-        }
-        if let Some(interval) = self.shared.interval {
-            // A steady rate; after a stall (window full), no burst of catch-up sends.
-            self.next_send_at += interval;
-            if self.next_send_at <= now {
-                self.next_send_at = now + interval;
-            }
-        }
-        let (ms, seq) = self.ids.next(wall_ms());
-        self.own_added += 1;
-        self.acts.push(Act {
-            ms,
-            seq,
-            added: self.own_added,
-            sent_us: wall_us(),
-            in_sync: 0,
-            synced: false,
-            answers: 0,
-        });
-        Some(self.action_frame(self.acts.len() - 1))
+        // Actions sent on an earlier connection without `synced` go first (same ids), then
+        // new ones once subscribed and the sending phase started.
+        let may_send_new = self.subscribed && self.shared.started.load(Ordering::Relaxed);
+        let shared = &self.shared;
+        let room_json = &shared.room_json[self.index % shared.rooms];
+        let first_n = self.index * shared.actions;
+        self.sending
+            .next_frame(now, self.base_time, may_send_new, |i, sent_us| {
+                proto::bench_action(
+                    &shared.type_json,
+                    room_json,
+                    (first_n + i) as u64,
+                    sent_us as f64 / 1000.0,
+                )
+            })
     }
     fn wake_at(&self) -> Option<Instant> {
-        if !self.connected || self.acts.len() >= self.shared.actions {
+        if !self.connected || self.sending.all_created() {
             return None;
         }
         if self.subscribed && !self.shared.started.load(Ordering::Relaxed) {
-            return Some(Instant::now() + Duration::from_millis(START_POLL_MS));
+            return Some(Instant::now() + Duration::from_millis(common::START_POLL_MS));
         }
-        if self.shared.interval.is_some() && self.in_flight < self.shared.window {
-            return Some(self.next_send_at);
-        }
-        None
+        self.sending.wake_at()
     }
-    fn on_sync(&mut self, pairs: &[Value], now: Instant) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant) {
         let now_us = wall_us();
         let per_client = self.shared.actions;
         let total = (self.shared.clients * per_client) as u64;
-        for pair in pairs.chunks_exact(2) {
-            let (action, meta) = (&pair[0], &pair[1]);
-            match client::action_type(action) {
+        for pair in pairs {
+            let (action, meta) = (&pair.action, &pair.meta);
+            match action.kind() {
                 kind @ ("logux/processed" | "logux/undo") => {
                     let undo = kind == "logux/undo";
-                    let id = action.get("id").and_then(Value::as_str).unwrap_or("");
-                    let Some(p) = proto::parse_action_id(id).filter(|p| p.node == self.node_id)
+                    let errors = &self.shared.ctx.errors;
+                    let Some((ms, seq)) = sending::own_answer(action, undo, &self.node_id, errors)
                     else {
-                        self.shared.ctx.errors.add("unknown_processed");
                         continue;
                     };
-                    if undo {
-                        let reason = action
-                            .get("reason")
-                            .and_then(Value::as_str)
-                            .unwrap_or("none");
-                        self.shared.ctx.errors.add(&format!("undo:{reason}"));
-                    }
-                    if self.sub == Some((p.ms, p.seq)) {
+                    if self.sub == Some((ms, seq)) {
                         if !undo {
-                            let since_id = meta.get("id").and_then(|id| {
-                                proto::decode_meta_id(id, self.base_time, &self.server_node)
-                            });
-                            if let (Some(id), Some(time)) =
-                                (since_id, meta.get("time").and_then(Value::as_i64))
-                            {
+                            let since_id =
+                                proto::decode_meta_id(&meta.id, self.base_time, &self.server_node);
+                            if let (Some(id), Some(time)) = (since_id, meta.time()) {
                                 self.since = Some((id, time + self.base_time));
                             }
                         }
@@ -413,30 +311,12 @@ impl Workload for FanoutClient {
                         }
                         continue;
                     }
-                    let Ok(i) = self
-                        .acts
-                        .binary_search_by(|a| (a.ms, a.seq).cmp(&(p.ms, p.seq)))
-                    else {
-                        continue;
-                    };
-                    let act = &mut self.acts[i];
-                    act.answers = act.answers.saturating_add(1);
-                    if act.answers > 1 {
-                        self.duplicated_processed += 1;
-                        continue;
-                    }
-                    if undo {
-                        self.undone += 1;
-                    } else {
-                        self.processed += 1;
+                    if self.sending.on_answer(ms, seq, undo, now, now_us) == Answer::Processed {
                         self.shared.processed.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.ack_latencies_us
-                        .push(now_us.saturating_sub(act.sent_us).min(u32::MAX as u64) as u32);
-                    self.last_processed = Some(now);
                 }
                 t if t == self.shared.action_type => {
-                    let n = action.get("n").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                    let n = action.n().unwrap_or(u64::MAX);
                     let sender = (n as usize) / per_client;
                     if n >= total
                         || sender == self.index
@@ -454,8 +334,7 @@ impl Workload for FanoutClient {
                     self.received_count += 1;
                     self.shared.deliveries.fetch_add(1, Ordering::Relaxed);
                     let sent_us = action
-                        .get("sent_at_ms")
-                        .and_then(Value::as_f64)
+                        .sent_at_ms()
                         .map_or(now_us, |ms| (ms * 1000.0) as u64);
                     let latency = now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32;
                     // The sender's node as it is now (it may have moved since, with
@@ -473,15 +352,9 @@ impl Workload for FanoutClient {
         self.check_resynced();
         self.check_done();
     }
-    fn on_synced(&mut self, added: u64, _now: Instant) {
-        if let Ok(i) = self.acts.binary_search_by(|a| a.added.cmp(&added)) {
-            let act = &mut self.acts[i];
-            if act.in_sync == added {
-                act.synced = true;
-                act.in_sync = 0;
-                self.in_flight = self.in_flight.saturating_sub(1);
-            }
-        }
+    fn on_synced(&mut self, added: u64, now: Instant) {
+        // A subscribe's `synced` is none of `sending`'s.
+        self.sending.on_synced(added, now, wall_us());
         self.check_resynced();
         self.check_done();
     }
@@ -492,17 +365,14 @@ impl Workload for FanoutClient {
             && self.closed_at_us.is_none()
         {
             self.closed_at_us = Some(wall_us());
-            self.pending_at_close = self.acts.len();
+            self.pending_at_close = self.sending.acts.len();
         }
         if self.shared.failover {
             self.url = (self.url + 1) % self.shared.urls;
         }
         self.subscribed_here = false;
         self.connected = false;
-        for act in &mut self.acts {
-            act.in_sync = 0;
-        }
-        self.in_flight = 0;
+        self.sending.on_closed();
         self.sub = None;
     }
     fn on_fatal(&mut self) {
@@ -578,8 +448,6 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         stopping: AtomicBool::new(false),
         clients: c,
         actions: m,
-        window: args.window,
-        interval,
         subscribed: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
         wake: Notify::new(),
@@ -609,23 +477,20 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             index: i,
             node_id: format!("{}{i}:{}:t1", common.user_prefix, setup.run_id),
             shared: shared.clone(),
-            ids: IdGen::default(),
-            own_added: 0,
+            sending: Sending::new(Pace {
+                total: m,
+                window: args.window,
+                batch: 1,
+                interval,
+            }),
             last_received: 0,
             since: None,
             base_time: 0,
             server_node: String::new(),
             connected: false,
-            resend: false,
             send_subscribe: false,
             sub: None,
             subscribed: false,
-            acts: Vec::with_capacity(m),
-            in_flight: 0,
-            next_send_at: Instant::now(),
-            processed: 0,
-            undone: 0,
-            duplicated_processed: 0,
             received: vec![0; words],
             received_count: 0,
             duplicated_received: 0,
@@ -640,9 +505,7 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             reconnected_at_us: None,
             pending_at_close: 0,
             resynced_at_us: None,
-            ack_latencies_us: Vec::with_capacity(m),
             last_delivery: None,
-            last_processed: None,
             done: false,
             attempts: 0,
         };
@@ -653,21 +516,7 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             fc
         }));
     }
-    let rss_sampler = pid.map(|pid| {
-        let peak = Arc::new(AtomicU64::new(0));
-        let p = peak.clone();
-        let task = tokio::spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(crate::monitor::RSS_SAMPLE_MS));
-            loop {
-                tick.tick().await;
-                if let Some(bytes) = sys::rss_bytes(pid) {
-                    p.fetch_max(bytes, Ordering::Relaxed);
-                }
-            }
-        });
-        (peak, task)
-    });
+    let rss_sampler = pid.map(RssPeak::start);
 
     // Phase 1: everybody subscribed.
     let mut timed_out = false;
@@ -724,17 +573,14 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
     if let Some(p) = progress {
         p.abort();
     }
-    let server_peak = rss_sampler.map(|(peak, task)| {
-        task.abort();
-        peak.load(Ordering::Relaxed)
-    });
+    let server_peak = rss_sampler.map(RssPeak::stop);
 
     let received: u64 = clients.iter().map(|f| f.received_count).sum();
-    let processed: u64 = clients.iter().map(|f| f.processed as u64).sum();
-    let undone: u64 = clients.iter().map(|f| f.undone as u64).sum();
-    let sent: u64 = clients.iter().map(|f| f.acts.len() as u64).sum();
+    let processed: u64 = clients.iter().map(|f| f.sending.processed as u64).sum();
+    let undone: u64 = clients.iter().map(|f| f.sending.undone as u64).sum();
+    let sent: u64 = clients.iter().map(|f| f.sending.acts.len() as u64).sum();
     let dup_received: u64 = clients.iter().map(|f| f.duplicated_received).sum();
-    let dup_processed: u64 = clients.iter().map(|f| f.duplicated_processed).sum();
+    let dup_processed: u64 = clients.iter().map(|f| f.sending.duplicated_answers).sum();
     let unexpected: u64 = clients.iter().map(|f| f.unexpected).sum();
     let reconnects: u64 = clients
         .iter()
@@ -742,7 +588,7 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
         .sum();
     let missing = expected.saturating_sub(received);
     let last_delivery = clients.iter().filter_map(|f| f.last_delivery).max();
-    let last_processed = clients.iter().filter_map(|f| f.last_processed).max();
+    let last_processed = clients.iter().filter_map(|f| f.sending.last_answered).max();
     let secs = |t: Option<Instant>| t.map(|t| t.saturating_duration_since(start).as_secs_f64());
     let per_s = |count: u64, s: Option<f64>| match s {
         Some(s) if s > 0.0 => json!(sys::round3(count as f64 / s)),
@@ -792,22 +638,11 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             .map(|u| clients.iter().filter(|f| f.url == u).count())
             .collect::<Vec<_>>(),
     });
-    let cpu_by_pid = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
-        (Some(a), Some(b)) => json!(b
-            .since_each(a)
-            .into_iter()
-            .map(|t| t.map(|t| sys::round3(t.total_s())))
-            .collect::<Vec<_>>()),
-        _ => Value::Null,
-    };
-    let cpu_sum = |a: &Option<sys::CpuSnapshot>, b: &Option<sys::CpuSnapshot>| match (a, b) {
-        (Some(a), Some(b)) => json!(sys::round3(b.since(a).total_s())),
-        _ => Value::Null,
-    };
-    let mut ack_latencies: Vec<u64> = clients
-        .iter()
-        .flat_map(|f| f.ack_latencies_us.iter().map(|us| u64::from(*us)))
-        .collect();
+    let mut ack_latencies = sending::gather_us(
+        clients
+            .iter()
+            .map(|f| f.sending.answer_latencies_us.as_slice()),
+    );
     let duplicated = dup_received + dup_processed;
     let ok = !timed_out && missing == 0 && duplicated == 0 && undone == 0 && unexpected == 0;
     let summary = json!({
@@ -854,14 +689,14 @@ pub async fn run(args: FanoutArgs) -> Result<Outcome, String> {
             "pid": pid.first(),
             "pids": pid.list(),
             "peak_rss_bytes": server_peak,
-            "cpu_s_sending": cpu_sum(&cpu_send_start, &cpu_send_end),
-            "cpu_s_sending_by_pid": cpu_by_pid(&cpu_send_start, &cpu_send_end),
+            "cpu_s_sending": sys::cpu_s_between(&cpu_send_start, &cpu_send_end),
+            "cpu_s_sending_by_pid": sys::cpu_s_between_each(&cpu_send_start, &cpu_send_end),
             "cpu_s": setup.server_cpu_s(common),
         })),
         "nats": nats.map(|nats| json!({
             "pids": nats.list(),
-            "cpu_s_sending": cpu_sum(&nats_send_start, &nats_send_end),
-            "cpu_s_sending_by_pid": cpu_by_pid(&nats_send_start, &nats_send_end),
+            "cpu_s_sending": sys::cpu_s_between(&nats_send_start, &nats_send_end),
+            "cpu_s_sending_by_pid": sys::cpu_s_between_each(&nats_send_start, &nats_send_end),
             "cpu_s": setup.nats_cpu_s(),
         })),
         "generator": setup.generator_json(common),

@@ -91,7 +91,7 @@ impl Workload for IdleClient {
     fn next_frame(&mut self, _now: Instant) -> Option<Outgoing> {
         None
     }
-    fn on_sync(&mut self, _pairs: &[Value], _now: Instant) {}
+    fn on_sync(&mut self, _pairs: &[crate::proto::Pair], _now: Instant) {}
     fn on_synced(&mut self, _added: u64, _now: Instant) {}
 }
 

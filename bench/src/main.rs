@@ -2,10 +2,13 @@
 //! other Logux server (`@logux/server` 0.14 included) with many clients from one process.
 //!
 //! Scenarios: `storm` (reconnect storm and mass disconnect), `fanout` (one busy room), `idle`
-//! (many idle connections). Each prints one JSON summary on stdout and progress on stderr,
+//! (many idle connections), `acks` (durable acknowledgements without fan-out), `backlog` (one
+//! client's huge offline backlog in one `sync`, timed by bystander pings). Each prints one JSON summary on stdout and progress on stderr,
 //! is bounded in count and time (`--timeout-s`), and talks to loopback addresses only.
 //! See bench/README.md.
 
+mod acks;
+mod backlog;
 mod client;
 mod common;
 mod fanout;
@@ -13,6 +16,7 @@ mod idle;
 mod monitor;
 mod net;
 mod proto;
+mod sending;
 mod stats;
 mod storm;
 mod sys;
@@ -39,7 +43,7 @@ pub struct Outcome {
 #[derive(Parser, Debug)]
 #[command(
     name = "ferry-bench",
-    about = "Reconnect-storm, fan-out and idle-connection load for Logux servers (protocol 5, loopback only)"
+    about = "Reconnect-storm, fan-out, idle-connection, acknowledgement and backlog load for Logux servers (protocol 5, loopback only)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,6 +58,10 @@ enum Scenario {
     Fanout(fanout::FanoutArgs),
     /// Many idle authenticated connections; the server's memory per connection.
     Idle(idle::IdleArgs),
+    /// C clients without subscriptions pipeline `sync`s: acknowledged (durable) actions/s.
+    Acks(acks::AcksArgs),
+    /// One long-offline client sends its whole backlog in one `sync` while pingers time pongs.
+    Backlog(backlog::BacklogArgs),
 }
 
 impl Scenario {
@@ -62,6 +70,8 @@ impl Scenario {
             Scenario::Storm(a) => a.common.threads,
             Scenario::Fanout(a) => a.common.threads,
             Scenario::Idle(a) => a.common.threads,
+            Scenario::Acks(a) => a.common.threads,
+            Scenario::Backlog(a) => a.common.threads,
         }
     }
 }
@@ -91,6 +101,8 @@ fn main() -> ExitCode {
             Scenario::Storm(args) => storm::run(args).await,
             Scenario::Fanout(args) => fanout::run(args).await,
             Scenario::Idle(args) => idle::run(args).await,
+            Scenario::Acks(args) => acks::run(args).await,
+            Scenario::Backlog(args) => backlog::run(args).await,
         }
     });
     // Client tasks may still be closing sockets; do not wait for them.

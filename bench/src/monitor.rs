@@ -22,6 +22,40 @@ use tokio::time::Instant;
 /// How often the server's RSS is read.
 pub const RSS_SAMPLE_MS: u64 = 100;
 
+/// The server's peak RSS, sampled every `RSS_SAMPLE_MS` by a task on the calling runtime
+/// (for scenarios without a [`Monitor`]).
+#[derive(Debug)]
+pub struct RssPeak {
+    /// Highest sample.
+    peak: Arc<AtomicU64>,
+    /// The sampling task.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssPeak {
+    /// Starts sampling `pids`.
+    pub fn start(pids: sys::Pids) -> RssPeak {
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampled = peak.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(RSS_SAMPLE_MS));
+            loop {
+                tick.tick().await;
+                if let Some(bytes) = sys::rss_bytes(pids) {
+                    sampled.fetch_max(bytes, Ordering::Relaxed);
+                }
+            }
+        });
+        RssPeak { peak, task }
+    }
+
+    /// Stops sampling; the highest sample in bytes.
+    pub fn stop(self) -> u64 {
+        self.task.abort();
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// Phase tags stamped on every ping when it is sent. A round `r` (from 0) has
 /// `storm(r)` and `disconnect(r)`.
 pub mod phase {
@@ -30,13 +64,17 @@ pub mod phase {
     /// Anything else (verification, between phases).
     pub const OTHER: u32 = 1;
     /// Round `r`'s storm.
-    pub fn storm(round: u32) -> u32 {
+    pub const fn storm(round: u32) -> u32 {
         ((round + 1) << 8) | 2
     }
     /// Round `r`'s mass disconnect and watch.
-    pub fn disconnect(round: u32) -> u32 {
+    pub const fn disconnect(round: u32) -> u32 {
         ((round + 1) << 8) | 3
     }
+    /// The measured load of a one-round scenario other than storm (`backlog`).
+    pub const LOAD: u32 = storm(0);
+    /// What follows that load.
+    pub const AFTER_LOAD: u32 = disconnect(0);
     /// True for any round's storm.
     pub fn is_storm(tag: u32) -> bool {
         tag & 0xff == 2
@@ -82,8 +120,9 @@ struct Rss {
 /// Ping results: `(phase, µs)`.
 #[derive(Debug, Default)]
 pub struct PingResults {
-    /// Answered pings: phase at send and round trip.
-    pub answered: Vec<(u32, u64)>,
+    /// Answered pings: phase at send, round trip, and wall clock at send (µs since the
+    /// epoch, to line a slow ping up with a server profile).
+    pub answered: Vec<(u32, u64, u64)>,
     /// Pings never answered: phase at send and age when given up (connection closed or end).
     pub unanswered: Vec<(u32, u64)>,
 }
@@ -94,8 +133,8 @@ impl PingResults {
         let mut rtts: Vec<u64> = self
             .answered
             .iter()
-            .filter(|(p, _)| which(*p))
-            .map(|(_, us)| *us)
+            .filter(|(p, _, _)| which(*p))
+            .map(|(_, us, _)| *us)
             .collect();
         let lost: Vec<u64> = self
             .unanswered
@@ -114,6 +153,23 @@ impl PingResults {
             );
         }
         out
+    }
+
+    /// The `count` slowest answered pings of the phases matching `which`, slowest first:
+    /// `[{sent_wall_ms, rtt_ms}]`.
+    pub fn slowest(&self, which: impl Fn(u32) -> bool, count: usize) -> Value {
+        let mut pings: Vec<&(u32, u64, u64)> =
+            self.answered.iter().filter(|(p, _, _)| which(*p)).collect();
+        pings.sort_by_key(|p| std::cmp::Reverse(p.1));
+        Value::Array(
+            pings
+                .into_iter()
+                .take(count)
+                .map(|(_, rtt, sent)| {
+                    json!({"sent_wall_ms": stats::us_to_ms(*sent), "rtt_ms": stats::us_to_ms(*rtt)})
+                })
+                .collect(),
+        )
     }
 }
 
@@ -300,8 +356,8 @@ struct Pinger {
     was_connected: bool,
     /// When the next ping goes out.
     next_ping: Instant,
-    /// Pings waiting for their pong (answers come in order): send time and phase.
-    outstanding: VecDeque<(Instant, u32)>,
+    /// Pings waiting for their pong (answers come in order): send time, phase, wall µs.
+    outstanding: VecDeque<(Instant, u32, u64)>,
     /// What was measured.
     results: PingResults,
     /// Highest server `added` seen.
@@ -340,7 +396,7 @@ impl Workload for Pinger {
             self.next_ping = now + self.interval;
         }
         self.outstanding
-            .push_back((now, self.phase.load(Ordering::Relaxed)));
+            .push_back((now, self.phase.load(Ordering::Relaxed), client::wall_us()));
         Some(Outgoing {
             text: proto::ping_frame(0),
             expects_answer: true,
@@ -349,18 +405,18 @@ impl Workload for Pinger {
     fn wake_at(&self) -> Option<Instant> {
         self.connected.then_some(self.next_ping)
     }
-    fn on_sync(&mut self, _pairs: &[Value], _now: Instant) {}
+    fn on_sync(&mut self, _pairs: &[proto::Pair], _now: Instant) {}
     fn on_synced(&mut self, _added: u64, _now: Instant) {}
     fn on_pong(&mut self, now: Instant) {
-        if let Some((sent, tag)) = self.outstanding.pop_front() {
+        if let Some((sent, tag, wall)) = self.outstanding.pop_front() {
             self.results
                 .answered
-                .push((tag, now.duration_since(sent).as_micros() as u64));
+                .push((tag, now.duration_since(sent).as_micros() as u64, wall));
         }
     }
     fn on_closed(&mut self, now: Instant) {
         self.connected = false;
-        for (sent, tag) in self.outstanding.drain(..) {
+        for (sent, tag, _) in self.outstanding.drain(..) {
             self.results
                 .unanswered
                 .push((tag, now.duration_since(sent).as_micros() as u64));

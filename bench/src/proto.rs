@@ -137,12 +137,12 @@ pub enum ServerMsg {
         /// Server time when authentication finished: the `baseTime`.
         end: i64,
     },
-    /// `["sync",added,action,meta,...]`: the flat pairs.
+    /// `["sync",added,action,meta,...]`.
     Sync {
         /// The number to echo in `synced`.
         added: u64,
-        /// `[action, meta, action, meta, ...]`.
-        pairs: Vec<Value>,
+        /// The action/meta pairs, as far as ferry-bench reads them.
+        pairs: Vec<Pair>,
     },
     /// `["synced",added]`.
     Synced(u64),
@@ -157,6 +157,80 @@ pub enum ServerMsg {
     Debug,
     /// A type a protocol 5 client does not know.
     Unknown(String),
+}
+
+/// The fields of a received action that ferry-bench reads; the others are skipped while
+/// parsing, without building them. Each is kept as it came (`null` when absent), so an
+/// action of another shape is not an error.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Action {
+    /// `type`.
+    #[serde(rename = "type")]
+    kind: Value,
+    /// `id`: the action a `logux/processed` or `logux/undo` answers.
+    id: Value,
+    /// `reason` of a `logux/undo`.
+    reason: Value,
+    /// `n`: the benchmark action's number.
+    n: Value,
+    /// `sent_at_ms` of a benchmark action.
+    sent_at_ms: Value,
+    /// `room` of a benchmark action.
+    room: Value,
+}
+
+impl Action {
+    /// `type`, or "" when it is not a string.
+    pub fn kind(&self) -> &str {
+        self.kind.as_str().unwrap_or("")
+    }
+    /// `id` as a string.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_str()
+    }
+    /// `reason` as a string.
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_str()
+    }
+    /// `n` as an unsigned integer.
+    pub fn n(&self) -> Option<u64> {
+        self.n.as_u64()
+    }
+    /// `sent_at_ms` as a number.
+    pub fn sent_at_ms(&self) -> Option<f64> {
+        self.sent_at_ms.as_f64()
+    }
+    /// `room` as a string.
+    pub fn room(&self) -> Option<&str> {
+        self.room.as_str()
+    }
+}
+
+/// The fields of a received meta that ferry-bench reads (`id`, `time`); the others are skipped.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct Meta {
+    /// `id`, in protocol 5's short forms (see [`decode_meta_id`]).
+    pub id: Value,
+    /// `time`, relative to the connection's `baseTime`.
+    time: Value,
+}
+
+impl Meta {
+    /// `time` as an integer.
+    pub fn time(&self) -> Option<i64> {
+        self.time.as_i64()
+    }
+}
+
+/// One action/meta pair of a server `sync`.
+#[derive(Debug)]
+pub struct Pair {
+    /// The action.
+    pub action: Action,
+    /// Its meta.
+    pub meta: Meta,
 }
 
 /// Why a server frame could not be read.
@@ -190,16 +264,22 @@ fn as_i64(value: Option<&Value>) -> Result<i64, ParseError> {
     }
 }
 
-/// Reads one server frame.
+/// Reads one server frame. A `sync`'s pairs are read straight into [`Pair`]s (no JSON tree
+/// of the whole frame), since a client under load receives thousands of actions per second.
 pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
-    let value: Value = serde_json::from_str(text)?;
-    let Value::Array(mut items) = value else {
-        return Err(ParseError::Shape("not an array"));
+    let Frame(frame) = serde_json::from_str(text)?;
+    let (kind, mut items) = match frame {
+        RawFrame::Sync { added, pairs } => {
+            return Ok(ServerMsg::Sync {
+                added: as_u64(Some(&added))?,
+                pairs,
+            })
+        }
+        RawFrame::OddSync => return Err(ParseError::Shape("sync with an odd length")),
+        RawFrame::Other { kind, items } => (kind, items),
     };
-    let kind = match items.first() {
-        Some(Value::String(kind)) => kind.clone(),
-        _ => return Err(ParseError::Shape("first element is not a string")),
-    };
+    // `items` holds the elements after the type.
+    items.insert(0, Value::Null);
     Ok(match kind.as_str() {
         "headers" => ServerMsg::Headers,
         "connected" => {
@@ -218,17 +298,6 @@ pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
                 version,
                 server_node,
                 end: as_i64(times.get(1))?,
-            }
-        }
-        "sync" => {
-            let added = as_u64(items.get(1))?;
-            if items.len() % 2 != 0 {
-                return Err(ParseError::Shape("sync with an odd length"));
-            }
-            items.drain(..2);
-            ServerMsg::Sync {
-                added,
-                pairs: items,
             }
         }
         "synced" => ServerMsg::Synced(as_u64(items.get(1))?),
@@ -250,6 +319,56 @@ pub fn parse_server(text: &str) -> Result<ServerMsg, ParseError> {
         "debug" => ServerMsg::Debug,
         _ => ServerMsg::Unknown(kind),
     })
+}
+
+/// A server frame as the deserializer sees it: a `sync` read pair by pair, anything else as
+/// its type and the elements after it.
+enum RawFrame {
+    Sync { added: Value, pairs: Vec<Pair> },
+    OddSync,
+    Other { kind: String, items: Vec<Value> },
+}
+
+/// Deserializes a JSON array whose first element names the message type.
+struct Frame(RawFrame);
+
+impl<'de> serde::Deserialize<'de> for Frame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Frame, D::Error> {
+        deserializer.deserialize_seq(FrameVisitor)
+    }
+}
+
+struct FrameVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FrameVisitor {
+    type Value = Frame;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a Logux message: an array whose first element is a string")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Frame, A::Error> {
+        use serde::de::Error;
+        let kind: String = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::custom("empty message"))?;
+        if kind != "sync" {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<Value>()? {
+                items.push(item);
+            }
+            return Ok(Frame(RawFrame::Other { kind, items }));
+        }
+        let added: Value = seq.next_element()?.unwrap_or(Value::Null);
+        let mut pairs = Vec::new();
+        while let Some(action) = seq.next_element::<Action>()? {
+            let Some(meta) = seq.next_element::<Meta>()? else {
+                return Ok(Frame(RawFrame::OddSync));
+            };
+            pairs.push(Pair { action, meta });
+        }
+        Ok(Frame(RawFrame::Sync { added, pairs }))
+    }
 }
 
 /// A Logux action id `"<ms> <node> <seq>"`, borrowed.
@@ -343,10 +462,36 @@ mod tests {
             }) => assert_eq!(server_node, "server:x"),
             other => panic!("{other:?}"),
         }
-        match parse_server(r#"["sync",4,{"type":"a"},{"id":1,"time":1}]"#) {
-            Ok(ServerMsg::Sync { added: 4, pairs }) => assert_eq!(pairs.len(), 2),
+        match parse_server(
+            r#"["sync",4,{"type":"a","n":3,"x":{"y":[1]}},{"id":1,"time":1,"added":9},{"type":"logux/undo","id":"1 a:b:c 0","reason":"denied","action":{"type":"b"}},{"id":[2,"a:b:c",0],"time":2}]"#,
+        ) {
+            Ok(ServerMsg::Sync { added: 4, pairs }) => {
+                assert_eq!(pairs.len(), 2);
+                assert_eq!(pairs[0].action.kind(), "a");
+                assert_eq!(pairs[0].action.n(), Some(3));
+                assert_eq!(pairs[0].meta.time(), Some(1));
+                assert_eq!(pairs[1].action.id(), Some("1 a:b:c 0"));
+                assert_eq!(pairs[1].action.reason(), Some("denied"));
+                assert_eq!(pairs[1].meta.id, serde_json::json!([2, "a:b:c", 0]));
+            }
             other => panic!("{other:?}"),
         }
+        // An action of another shape is no error.
+        match parse_server(r#"["sync",5,{"type":7,"id":{"a":1}},{}]"#) {
+            Ok(ServerMsg::Sync { pairs, .. }) => {
+                assert_eq!(pairs[0].action.kind(), "");
+                assert_eq!(pairs[0].action.id(), None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_server(r#"["synced",3]"#),
+            Ok(ServerMsg::Synced(3))
+        ));
+        assert!(matches!(
+            parse_server(r#"["error","wrong-format"]"#),
+            Ok(ServerMsg::Error(kind)) if kind == "wrong-format"
+        ));
         assert!(matches!(parse_server(r#"["ping",3]"#), Ok(ServerMsg::Ping)));
         assert!(matches!(
             parse_server(r#"["ready",3]"#),

@@ -240,9 +240,9 @@ impl StormClient {
     }
 
     /// A `logux/processed` (undo = false) or `logux/undo` for one of our ids.
-    fn resolve(&mut self, action: &Value, meta: &Value, undo: bool) {
+    fn resolve(&mut self, action: &proto::Action, meta: &proto::Meta, undo: bool) {
         let errors = &self.shared.ctx.errors;
-        let Some(id) = action.get("id").and_then(Value::as_str) else {
+        let Some(id) = action.id() else {
             errors.add("protocol:processed_without_id");
             return;
         };
@@ -260,11 +260,7 @@ impl StormClient {
             return;
         };
         if undo {
-            let reason = action
-                .get("reason")
-                .and_then(Value::as_str)
-                .unwrap_or("none");
-            errors.add(&format!("undo:{reason}"));
+            errors.add(&format!("undo:{}", action.reason().unwrap_or("none")));
         }
         let act = &mut self.acts[i];
         match act.state {
@@ -276,10 +272,9 @@ impl StormClient {
                 };
                 if act.n.is_none() && !undo {
                     // Real clients re-subscribe with the processed's id and time.
-                    let since_id = meta.get("id").and_then(|id| {
-                        proto::decode_meta_id(id, self.base_time, &self.server_node)
-                    });
-                    let since_time = meta.get("time").and_then(Value::as_i64);
+                    let since_id =
+                        proto::decode_meta_id(&meta.id, self.base_time, &self.server_node);
+                    let since_time = meta.time();
                     if let (Some(id), Some(time)) = (since_id, since_time) {
                         self.since = Some((id, time + self.base_time));
                     }
@@ -387,10 +382,10 @@ impl Workload for StormClient {
         }
         None
     }
-    fn on_sync(&mut self, pairs: &[Value], now: Instant) {
-        for pair in pairs.chunks_exact(2) {
-            let (action, meta) = (&pair[0], &pair[1]);
-            match client::action_type(action) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], now: Instant) {
+        for pair in pairs {
+            let (action, meta) = (&pair.action, &pair.meta);
+            match action.kind() {
                 "logux/processed" => self.resolve(action, meta, false),
                 "logux/undo" => self.resolve(action, meta, true),
                 t if t == self.shared.action_type => {
@@ -1030,23 +1025,22 @@ impl Workload for Checker {
             expects_answer: true,
         })
     }
-    fn on_sync(&mut self, pairs: &[Value], _now: Instant) {
-        for pair in pairs.chunks_exact(2) {
-            let action = &pair[0];
-            match client::action_type(action) {
+    fn on_sync(&mut self, pairs: &[proto::Pair], _now: Instant) {
+        for pair in pairs {
+            let action = &pair.action;
+            match action.kind() {
                 "logux/processed" | "logux/undo" => {
-                    let id = action.get("id").and_then(Value::as_str).unwrap_or("");
-                    if let Some(p) = proto::parse_action_id(id) {
+                    if let Some(p) = proto::parse_action_id(action.id().unwrap_or("")) {
                         if p.node == self.node_id && self.subs.contains(&(p.ms, p.seq)) {
                             self.answered += 1;
                         }
                     }
-                    if client::action_type(action) == "logux/undo" {
+                    if action.kind() == "logux/undo" {
                         self.errors.add("verify:subscribe_undone");
                     }
                 }
                 t if t == self.action_type => {
-                    let Some(n) = action.get("n").and_then(Value::as_u64) else {
+                    let Some(n) = action.n() else {
                         self.out_of_range += 1;
                         continue;
                     };
@@ -1059,8 +1053,7 @@ impl Workload for Checker {
                     let author = (n as usize / self.actions.max(1)) % self.clients.max(1);
                     let want_room = author % self.rooms;
                     let room_ok = action
-                        .get("room")
-                        .and_then(Value::as_str)
+                        .room()
                         .and_then(|room| room.rsplit('-').next())
                         .and_then(|r| r.parse::<usize>().ok())
                         == Some(want_room);

@@ -46,6 +46,11 @@ pub fn cpu_times(pid: &str) -> Option<CpuTimes> {
     })
 }
 
+/// This process's CPU times (zero when /proc cannot be read).
+pub fn own_cpu() -> CpuTimes {
+    cpu_times("self").unwrap_or_default()
+}
+
 /// A `kB` field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
 pub fn status_bytes(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -137,6 +142,100 @@ impl CpuSnapshot {
             sum.sys_s += t.sys_s;
         }
         sum
+    }
+}
+
+/// Summed CPU seconds of the pids between two snapshots, for a summary (`null` when either
+/// could not be read).
+pub fn cpu_s_between(start: &Option<CpuSnapshot>, end: &Option<CpuSnapshot>) -> serde_json::Value {
+    match (start, end) {
+        (Some(a), Some(b)) => serde_json::json!(round3(b.since(a).total_s())),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Each pid's CPU seconds between two snapshots, for a summary.
+pub fn cpu_s_between_each(
+    start: &Option<CpuSnapshot>,
+    end: &Option<CpuSnapshot>,
+) -> serde_json::Value {
+    match (start, end) {
+        (Some(a), Some(b)) => serde_json::json!(b
+            .since_each(a)
+            .into_iter()
+            .map(|t| t.map(|t| round3(t.total_s())))
+            .collect::<Vec<_>>()),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// CPU times of every thread of `pid`, summed by thread name (`/proc/<pid>/task/*/comm`),
+/// e.g. `tokio-runtime-w`, `ferry-pipeline`. Threads that cannot be read are left out.
+pub fn threads_cpu(pid: u32) -> std::collections::BTreeMap<String, CpuTimes> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let path = format!("{pid}/task/{tid}");
+        let (Some(times), Ok(name)) = (
+            cpu_times(&path),
+            std::fs::read_to_string(format!("/proc/{path}/comm")),
+        ) else {
+            continue;
+        };
+        let sum: &mut CpuTimes = out.entry(name.trim().to_owned()).or_default();
+        sum.user_s += times.user_s;
+        sum.sys_s += times.sys_s;
+    }
+    out
+}
+
+/// `{thread name: CPU seconds}` between two [`threads_cpu`] readings, busiest first, for a
+/// summary (threads that used none are left out).
+pub fn threads_cpu_between(
+    start: &std::collections::BTreeMap<String, CpuTimes>,
+    end: &std::collections::BTreeMap<String, CpuTimes>,
+) -> serde_json::Value {
+    let mut used: Vec<(&String, f64)> = end
+        .iter()
+        .map(|(name, t)| {
+            let before = start.get(name).copied().unwrap_or_default();
+            (name, round3(t.since(&before).total_s()))
+        })
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    serde_json::Value::Object(
+        used.into_iter()
+            .map(|(name, s)| (name.clone(), serde_json::json!(s)))
+            .collect(),
+    )
+}
+
+/// The first measured process's per-thread CPU from a start, for a summary's
+/// `threads_cpu_s` (see [`threads_cpu_between`]).
+#[derive(Debug)]
+pub struct ThreadsMeter {
+    /// The process.
+    pid: u32,
+    /// Its threads at the start.
+    start: std::collections::BTreeMap<String, CpuTimes>,
+}
+
+impl ThreadsMeter {
+    /// Starts measuring the first of `pids`.
+    pub fn start(pids: Pids) -> ThreadsMeter {
+        ThreadsMeter {
+            pid: pids.first(),
+            start: threads_cpu(pids.first()),
+        }
+    }
+
+    /// `{thread name: CPU seconds}` since the start, busiest first.
+    pub fn json(&self) -> serde_json::Value {
+        threads_cpu_between(&self.start, &threads_cpu(self.pid))
     }
 }
 
