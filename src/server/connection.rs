@@ -39,6 +39,11 @@ pub const WRITE_STALL_MS: u64 = 10_000;
 /// the queue is bounded by content, not only by message count.
 pub const PIPELINE_QUEUE_ACTIONS_MAX: u32 = 100_000;
 
+/// Text frames of at least this many bytes are handled inside `block_in_place`: a
+/// weeks-offline client's backlog in one `sync` (tens of MB) takes its worker thread for
+/// hundreds of ms, and the other connections on that worker must not wait for it.
+pub const LARGE_FRAME_BYTES: usize = 256 * 1024;
+
 /// Largest `sync` frame of deliveries, estimated from the actions' JSON and
 /// `DELIVERY_META_BYTES` per meta: actions queued back to back for one client go out in one
 /// frame up to this size (protocol 5 allows any number of action/meta pairs per `sync`).
@@ -265,7 +270,13 @@ impl Connection {
         let outputs = match frame {
             Some(Inbound::Text(text)) => {
                 let now = self.server.clock.now_ms();
-                self.session.receive(&text, now)
+                let session = &mut self.session;
+                if text.len() >= LARGE_FRAME_BYTES && may_block_in_place() {
+                    // The runtime hands this worker's other tasks to another thread meanwhile.
+                    tokio::task::block_in_place(|| session.receive(&text, now))
+                } else {
+                    session.receive(&text, now)
+                }
             }
             Some(Inbound::Invalid(error)) => self.session.fail(error),
             None => {
@@ -755,4 +766,11 @@ impl Connection {
         self.flush_coalesced();
         self.pending_frames.push(frame);
     }
+}
+
+/// Whether `block_in_place` works here: only on a multi-thread runtime (it panics on a
+/// current-thread one, which tests and embedders may use).
+fn may_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
