@@ -1,7 +1,9 @@
 //! Crash safety: a real `ferry` child process is killed with SIGKILL at random moments while
 //! clients write; after every kill, every action that was answered with `synced` must be in
 //! the log exactly once, `added` must keep growing, and a subscriber must get the actions
-//! again. Also: SIGTERM shuts down cleanly and keeps the last acknowledged action.
+//! again. A second run applies retention between restarts at odd positions (cutting through
+//! blocks of log format 2): what it removed never comes back, what it kept is still there
+//! once, and the writers' re-sends are still de-duplicated against the rewritten blocks. Also: SIGTERM shuts down cleanly and keeps the last acknowledged action.
 //!
 //! `FERRY_CRASH_ROUNDS` sets the number of kill rounds (default 4; the long run uses 100).
 
@@ -80,42 +82,80 @@ async fn write_until_dead(
     }
 }
 
-/// Opens the log of a stopped server and checks it against what was acknowledged.
-async fn check_log(dir: &Path, acked: &HashSet<String>, previous_head: u64) -> u64 {
+/// What the checks between rounds know about the log.
+#[derive(Default)]
+struct Known {
+    /// Highest head seen.
+    head: u64,
+    /// Positions of the acknowledged actions, as last read.
+    positions: HashMap<String, u64>,
+    /// Retention removed every entry below this position.
+    removed_before: u64,
+}
+
+/// Opens the log of a stopped server and checks it against what was acknowledged: every
+/// acknowledged action is there exactly once unless retention removed its position. With
+/// `retain`, then removes all but about the newest `retain` entries, cutting through a block.
+async fn check_log(dir: &Path, acked: &HashSet<String>, known: &mut Known, retain: Option<u64>) {
     let log = Log::open(dir, LogOptions::default(), Arc::new(NoListener)).expect("open log");
     let head = log.head();
     let entries = log
         .channel_since(CHANNEL, 0, head, usize::MAX)
         .expect("read channel");
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     let mut last_added = 0;
     for entry in &entries {
         assert!(entry.meta.added > last_added, "added grows along the log");
         last_added = entry.meta.added;
         assert!(
-            seen.insert(entry.meta.id.clone()),
+            seen.insert(entry.meta.id.clone(), entry.meta.added)
+                .is_none(),
             "{} stored twice",
             entry.meta.id
         );
+        assert!(
+            entry.meta.added >= known.removed_before,
+            "{} at {} came back after retention",
+            entry.meta.id,
+            entry.meta.added
+        );
     }
     for id in acked {
-        assert!(seen.contains(id), "acknowledged action {id} lost");
+        match (seen.get(id), known.positions.get(id)) {
+            (Some(&added), _) => {
+                known.positions.insert(id.clone(), added);
+            }
+            (None, Some(&added)) if added < known.removed_before => {}
+            (None, _) => panic!("acknowledged action {id} lost"),
+        }
     }
     assert!(
-        head >= previous_head,
-        "head went back from {previous_head} to {head}"
+        head >= known.head,
+        "head went back from {} to {head}",
+        known.head
     );
+    known.head = head;
+    if let Some(keep) = retain.filter(|keep| head > *keep) {
+        // An odd position, so the cut rarely falls on a block boundary.
+        let before = (head - keep) | 1;
+        log.remove_before(before).await.expect("retention");
+        known.removed_before = known.removed_before.max(before);
+        let first = log
+            .channel_since(CHANNEL, 0, head, 1)
+            .expect("read after retention");
+        assert!(first.iter().all(|entry| entry.meta.added >= before));
+    }
     log.close().await.expect("close log");
     drop(log);
-    head
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_actions_survive_sigkill_exactly_once() {
-    let rounds: usize = std::env::var("FERRY_CRASH_ROUNDS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(4);
+/// Runs `rounds` of writers against a `ferry` child killed with SIGKILL at a random moment,
+/// checking the log after each (see `check_log`); returns the data directory, the config
+/// and the acknowledged ids.
+async fn crash_rounds(
+    rounds: usize,
+    retain: Option<u64>,
+) -> (tempfile::TempDir, Known, HashSet<String>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let config = dir.path().join("ferry.toml");
@@ -123,7 +163,7 @@ async fn acknowledged_actions_survive_sigkill_exactly_once() {
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let mut counters = [0i64; WRITERS];
     let mut unacked: Vec<Vec<i64>> = vec![Vec::new(); WRITERS];
-    let mut head = 0;
+    let mut known = Known::default();
     for round in 0..rounds {
         let ferry = Ferry::start(&data, &config).await;
         let port = ferry.port;
@@ -146,17 +186,48 @@ async fn acknowledged_actions_survive_sigkill_exactly_once() {
             unacked[writer] = pending;
         }
         let snapshot = acked.lock().expect("acked set").clone();
-        let new_head = check_log(&data, &snapshot, head).await;
+        check_log(&data, &snapshot, &mut known, retain).await;
         eprintln!(
-            "round {round}: killed after {delay} ms, {} acknowledged, head {new_head}",
-            snapshot.len()
+            "round {round}: killed after {delay} ms, {} acknowledged, head {}, removed below {}",
+            snapshot.len(),
+            known.head,
+            known.removed_before
         );
-        head = new_head;
     }
-    assert!(
-        !acked.lock().expect("acked set").is_empty(),
-        "the writers got acknowledgements"
-    );
+    let acked = acked.lock().expect("acked set").clone();
+    assert!(!acked.is_empty(), "the writers got acknowledgements");
+    (dir, known, acked)
+}
+
+/// `FERRY_CRASH_ROUNDS`, or `default`.
+fn crash_rounds_count(default: usize) -> usize {
+    std::env::var("FERRY_CRASH_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_actions_survive_sigkill_and_retention_through_blocks() {
+    let (_dir, known, acked) = crash_rounds(crash_rounds_count(4), Some(300)).await;
+    assert!(known.removed_before > 1, "retention removed something");
+    let kept = acked
+        .iter()
+        .filter(|id| {
+            known
+                .positions
+                .get(*id)
+                .is_some_and(|&added| added >= known.removed_before)
+        })
+        .count();
+    assert!(kept > 0, "some acknowledged actions are kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_actions_survive_sigkill_exactly_once() {
+    let (dir, _known, acked) = crash_rounds(crash_rounds_count(4), None).await;
+    let data = dir.path().join("data");
+    let config = dir.path().join("ferry.toml");
 
     // A subscriber after the last restart gets every acknowledged action once.
     let ferry = Ferry::start(&data, &config).await;
@@ -197,7 +268,6 @@ async fn acknowledged_actions_survive_sigkill_exactly_once() {
         }
     }
     ferry.kill();
-    let acked = acked.lock().expect("acked set");
     for id in acked.iter() {
         assert!(
             received.contains(id),
@@ -237,5 +307,5 @@ async fn sigterm_shuts_down_cleanly_and_keeps_the_last_acknowledged_action() {
     writer.await.expect("writer");
     let snapshot = acked.lock().expect("acked set").clone();
     assert!(!snapshot.is_empty());
-    check_log(&data, &snapshot, 0).await;
+    check_log(&data, &snapshot, &mut Known::default(), None).await;
 }
