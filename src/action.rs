@@ -178,6 +178,16 @@ impl Entry {
         }
     }
 
+    /// An entry whose action's JSON text is already known; `json` must be what
+    /// `serde_json::to_string(&action)` gives (the log passes the text it stored).
+    pub fn with_action_json(action: Value, meta: Meta, json: Arc<str>) -> Entry {
+        Entry {
+            action,
+            meta,
+            json: JsonCache(OnceLock::from(json)),
+        }
+    }
+
     /// The action as JSON text, serialized on first use.
     pub fn action_json(&self) -> &str {
         self.json

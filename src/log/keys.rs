@@ -195,12 +195,25 @@ pub(super) fn added_suffix(key: &[u8]) -> Result<u64, LogError> {
     decode_added(key, &key[split..])
 }
 
-/// Decodes a stored entry.
+/// A stored entry with its action still as text.
+#[derive(serde::Deserialize)]
+struct StoredEntry<'a> {
+    #[serde(borrow)]
+    action: &'a serde_json::value::RawValue,
+    meta: crate::action::Meta,
+}
+
+/// Decodes a stored entry. The action's stored text becomes the entry's JSON text, so a
+/// connection sending the entry does not serialize the action again.
 pub(super) fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, LogError> {
-    serde_json::from_slice(value).map_err(|error| LogError::Corrupt {
+    let corrupt = |error: serde_json::Error| LogError::Corrupt {
         key: describe_key(key),
         reason: error.to_string(),
-    })
+    };
+    let stored: StoredEntry = serde_json::from_slice(value).map_err(corrupt)?;
+    let text = stored.action.get();
+    let action = serde_json::from_str(text).map_err(corrupt)?;
+    Ok(Entry::with_action_json(action, stored.meta, text.into()))
 }
 
 /// A printable form of a key for error messages.
@@ -287,6 +300,26 @@ mod tests {
             Some(("10:x".to_owned(), 7))
         );
         assert!(decode_task_key(b"q\0\0\0\x09ab").is_err());
+    }
+
+    #[test]
+    fn a_decoded_entry_keeps_the_stored_text_of_its_action() {
+        let entry = Entry::new(
+            serde_json::json!({ "type": "a", "text": "é\"\n", "n": 1.5, "z": [1, {"b": null}] }),
+            crate::action::Meta {
+                id: "1 a 0".to_owned(),
+                added: 3,
+                ..crate::action::Meta::default()
+            },
+        );
+        let stored = serde_json::to_vec(&entry).expect("encode");
+        let decoded = decode_entry(b"b", &stored).expect("decode");
+        assert_eq!(decoded, entry);
+        assert_eq!(
+            decoded.action_json(),
+            serde_json::to_string(&entry.action).expect("encode action")
+        );
+        assert!(decode_entry(b"b", br#"{"action":{"type":"a"},"meta":{}}"#).is_err());
     }
 
     #[test]
