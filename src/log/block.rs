@@ -230,7 +230,7 @@ impl<V: AsRef<[u8]>> Block<V> {
                 key: describe_key(&self.key),
                 reason: "block entry out of bounds".to_owned(),
             })?;
-        Ok((self.base + u64::from(offset), json))
+        Ok((self.base.saturating_add(u64::from(offset)), json))
     }
 
     /// The entries as `(added, JSON)`, ascending.
@@ -264,7 +264,7 @@ impl<V: AsRef<[u8]>> Block<V> {
     pub(super) fn last(&self) -> u64 {
         match self.count {
             0 => self.base,
-            count => self.base + u64::from(self.row(count - 1).0),
+            count => self.base.saturating_add(u64::from(self.row(count - 1).0)),
         }
     }
 
@@ -373,6 +373,28 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn arbitrary_bytes_are_refused_or_read_without_panicking(
+            mut bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            looks_like_a_block in any::<bool>(),
+            probe in any::<u64>(),
+        ) {
+            if looks_like_a_block && bytes.len() >= BLOCK_HEADER_LEN {
+                bytes[0] = BLOCK_VERSION;
+                // A base near the top, so offsets added to it would overflow.
+                bytes[1..9].copy_from_slice(&(u64::MAX - 3).to_be_bytes());
+                // A small count, so the table often fits.
+                let count = u32::from(bytes[12] % 4);
+                bytes[9..13].copy_from_slice(&count.to_be_bytes());
+            }
+            if let Ok(block) = Block::new(b"b", bytes.as_slice()) {
+                let _ = block.entries().count();
+                let _ = block.get(probe);
+                let _ = block.last();
+            }
+            let _ = decode_posting(b"c", &bytes);
+        }
+
         #[test]
         fn blocks_and_postings_return_what_was_encoded(
             gaps in proptest::collection::vec(1u64..1_000, 0..50),
