@@ -377,3 +377,109 @@ async fn next_frame(rx: &mut tokio::sync::mpsc::Receiver<String>) -> String {
         .expect("a frame in time")
         .expect("open")
 }
+
+/// A `sync` of `actions` `room/message`s, numbered from `first`, as sync number `added`.
+fn sync_of(added: u64, first: u64, actions: u64) -> String {
+    let mut frame = format!(r#"["sync",{added}"#);
+    for n in first..first + actions {
+        frame.push_str(&format!(
+            r#",{{"type":"room/message","room":"1","n":{n}}},{{"id":{n},"time":{n}}}"#
+        ));
+    }
+    frame.push(']');
+    frame
+}
+
+/// The server's pipeline backlog, all of it: nothing more fits until the permit is dropped.
+async fn take_whole_backlog(server: &TestServer) -> tokio::sync::OwnedSemaphorePermit {
+    let whole = u32::try_from(server.server.config.limits.pipeline_backlog_bytes).expect("u32");
+    std::sync::Arc::clone(&server.server.backlog)
+        .acquire_many_owned(whole)
+        .await
+        .expect("backlog")
+}
+
+#[tokio::test]
+async fn a_sync_that_does_not_fit_in_the_pipeline_backlog_waits_and_its_connection_reads_nothing_more(
+) {
+    let config = format!("{TEST_CONFIG}\n[limits]\npipeline_backlog_bytes = 65536\n");
+    let server = TestServer::start(&config);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    let head = server.server.log.head();
+    let backlog = take_whole_backlog(&server).await;
+    let sync = sync_of(1, 1, 30);
+    assert!(sync.len() > ferry::server::connection::BACKLOG_FREE_FRAME_BYTES_MAX);
+    client.send(&sync).await;
+    client.send(r#"["ping",0]"#).await;
+    assert_eq!(
+        client.try_recv(Duration::from_millis(300)).await,
+        None,
+        "neither synced nor the ping's pong while the sync waits"
+    );
+    assert_eq!(server.server.log.head(), head, "nothing stored");
+    drop(backlog);
+    let (mut synced, mut pong, mut processed) = (false, false, 0);
+    while !(synced && pong && processed == 30) {
+        let frame = client.recv().await.expect("connection stays open");
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => synced = true,
+            Some("pong") => pong = true,
+            Some("sync") => processed += (message.as_array().map_or(0, Vec::len) - 2) / 2,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(server.server.log.head(), head + 60);
+    assert_eq!(
+        server.server.backlog.available_permits(),
+        65536,
+        "all returned"
+    );
+}
+
+#[tokio::test]
+async fn a_small_sync_such_as_a_subscription_does_not_wait_for_a_full_pipeline_backlog() {
+    let config = format!("{TEST_CONFIG}\n[limits]\npipeline_backlog_bytes = 65536\n");
+    let server = TestServer::start(&config);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    let _backlog = take_whole_backlog(&server).await;
+    let subscribe = r#"["sync",1,{"type":"logux/subscribe","channel":"room/1"},{"id":1,"time":1}]"#;
+    client.send(subscribe).await;
+    client.send(&sync_of(2, 2, 1)).await;
+    let (mut synced, mut processed) = (0, 0);
+    while synced < 2 || processed < 2 {
+        let frame = client
+            .recv()
+            .await
+            .expect("answered while the backlog is full");
+        let message: Value = serde_json::from_str(&frame).expect("json");
+        match message[0].as_str() {
+            Some("synced") => synced += 1,
+            Some("sync") => processed += frame.matches("logux/processed").count(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_whose_sync_waits_for_the_pipeline_backlog_is_not_closed_as_idle() {
+    let config =
+        format!("{TEST_CONFIG}\n[limits]\npipeline_backlog_bytes = 65536\nidle_timeout_ms = 300\n");
+    let server = TestServer::start(&config);
+    let mut client = server.connect();
+    client.send(CONNECT_10).await;
+    handshake(&mut client).await;
+    let backlog = take_whole_backlog(&server).await;
+    client.send(&sync_of(1, 1, 30)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    drop(backlog);
+    let mut synced = false;
+    while !synced {
+        let frame = client.recv().await.expect("still open after the wait");
+        synced = frame.starts_with(r#"["synced",1]"#);
+    }
+}

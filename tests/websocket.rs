@@ -320,3 +320,47 @@ fn a_huge_sync_frame_does_not_hold_up_other_connections() {
     });
     pipeline.shutdown_background();
 }
+
+#[tokio::test]
+async fn a_message_longer_than_the_send_frame_limit_arrives_whole_in_frames_within_it() {
+    use ferry::transports::ws::WS_SEND_FRAME_BYTES_MAX;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    let server = Running::start(1 << 20).await;
+    let stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    // This client refuses any frame over the limit, but not long messages.
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(WS_SEND_FRAME_BYTES_MAX))
+        .max_message_size(Some(1 << 20));
+    let (mut socket, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{}/", server.addr),
+        stream,
+        Some(config),
+    )
+    .await
+    .expect("websocket handshake");
+    connect_client(&mut socket, "10:abc:tab").await;
+    const ACTIONS: usize = 200;
+    let mut sync = String::from(r#"["sync",1"#);
+    for n in 1..=ACTIONS {
+        sync.push_str(&format!(
+            r#",{{"type":"a","n":{n}}},{{"id":{n},"time":{n}}}"#
+        ));
+    }
+    sync.push(']');
+    socket.send(Message::text(sync)).await.expect("send");
+    let (mut processed, mut longest) = (0, 0);
+    while processed < ACTIONS {
+        let text = next_text(&mut socket)
+            .await
+            .expect("every answer, without a frame over the client's limit");
+        longest = longest.max(text.len());
+        processed += text.matches("logux/processed").count();
+    }
+    assert!(
+        longest > WS_SEND_FRAME_BYTES_MAX,
+        "the answers came in messages of at most {longest} bytes: nothing was split"
+    );
+    server.stop().await;
+}

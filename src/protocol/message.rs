@@ -60,6 +60,24 @@ impl Message {
     }
 }
 
+/// False only when a frame plainly names another message than `sync` (`["ping", 1]`): a
+/// look at its first element without parsing it, so that a large `sync` can wait undecoded
+/// (see `server::connection`). Whatever the look cannot tell (a name with escapes, a frame
+/// that is not an array) may be a `sync`.
+pub fn may_be_sync(frame: &str) -> bool {
+    const JSON_WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+    let Some(rest) = frame.trim_start_matches(JSON_WHITESPACE).strip_prefix('[') else {
+        return true;
+    };
+    let Some(name) = rest.trim_start_matches(JSON_WHITESPACE).strip_prefix('"') else {
+        return true;
+    };
+    match name.find(['"', '\\']) {
+        Some(end) if name[end..].starts_with('"') => &name[..end] == "sync",
+        _ => true,
+    }
+}
+
 /// Parses and validates one text frame.
 pub fn parse(frame: &str) -> Result<Message, ProtocolError> {
     parse_limited(frame, usize::MAX)
@@ -324,6 +342,30 @@ mod tests {
         match parse(frame) {
             Ok(message) => panic!("expected an error for {frame}, got {message:?}"),
             Err(error) => error.to_frame(),
+        }
+    }
+
+    #[test]
+    fn only_a_frame_that_plainly_names_another_message_is_known_not_to_be_a_sync() {
+        for frame in [
+            r#"["sync",1,{"type":"a"},{"id":"1 a:1 0","time":1}]"#,
+            " [ \"sync\" , 1]",
+            r#"["\u0073ync",1]"#,
+            r#"["sy\"nc"]"#,
+            r#"{"sync":1}"#,
+            "[1]",
+            "not json",
+            "",
+        ] {
+            assert!(may_be_sync(frame), "{frame}");
+        }
+        for frame in [
+            r#"["ping",1]"#,
+            " [\"synced\",3]",
+            r#"["syncs"]"#,
+            r#"["pong",1]"#,
+        ] {
+            assert!(!may_be_sync(frame), "{frame}");
         }
     }
 

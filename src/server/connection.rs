@@ -14,20 +14,37 @@ use crate::protocol::{AuthRequest, IncomingSync, Output, ProtocolError, Session}
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::collections::{HashSet, VecDeque};
 use std::fmt::Display;
-use std::future::pending;
+use std::future::{pending, Future};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, AcquireError, OwnedSemaphorePermit, TryAcquireError};
 use tokio::time::{sleep_until, Instant};
 
 /// How long a connection may take at shutdown to answer the `sync`s it already received.
 pub const SHUTDOWN_CONNECTION_DRAIN_MS: u64 = 3_000;
 
-/// One `sync` for the worker: when it arrived, its actions, and its share of the queue
-/// budget (released when the worker is done with it).
+/// One `sync` for the worker: when it arrived, its actions, and its shares of the budgets
+/// (released when the worker is done with it).
 /// Boxed: a channel allocates its slots in blocks of 32, and an idle connection's jobs
 /// channel then costs 32 pointers instead of 32 whole jobs.
-pub type Job = Box<(Instant, IncomingSync, tokio::sync::OwnedSemaphorePermit)>;
+pub type Job = Box<(Instant, IncomingSync, SyncBudget)>;
+
+/// A `sync`'s shares of the budgets it is held against until its actions are durable: this
+/// connection's queue (`PIPELINE_QUEUE_ACTIONS_MAX`) and, for a frame larger than
+/// `BACKLOG_FREE_FRAME_BYTES_MAX`, the server's backlog (`limits.pipeline_backlog_bytes`).
+#[derive(Debug)]
+pub struct SyncBudget {
+    _queue: OwnedSemaphorePermit,
+    _backlog: Option<OwnedSemaphorePermit>,
+}
+
+/// `sync` frames up to this size are not held against `limits.pipeline_backlog_bytes`: a
+/// subscription or the action or two a connected client sends must not wait behind other
+/// clients' offline backlogs (a subscription queued behind a whole storm would read its
+/// channel's history only after the storm, mostly from disk). What such frames hold is
+/// bounded per connection (`PIPELINE_QUEUE_SYNCS_MAX`, `APPENDS_IN_FLIGHT_MAX`).
+pub const BACKLOG_FREE_FRAME_BYTES_MAX: usize = 1024;
 
 /// How long the final close may wait for the client to take the close frame.
 pub const CLOSE_WAIT_MS: u64 = 1_000;
@@ -146,11 +163,15 @@ struct Connection {
     /// Highest position sent by a catch-up or covered by a snapshot.
     catchup_max: u64,
     /// `sync`s received but not yet handed to the worker, oldest first, each with the time it
-    /// arrived. While any waits (the worker's queue or the action budget is full), nothing
-    /// more is read from the socket: that is the backpressure on a client that sends faster
-    /// than its actions are stored. The connection never awaits the worker's queue, so it
-    /// keeps writing the answers the worker produces and its timers keep running.
-    waiting: VecDeque<(Instant, IncomingSync)>,
+    /// arrived and its share of the server's backlog. While any waits (the worker's queue or
+    /// the action budget is full), nothing more is read from the socket: that is the
+    /// backpressure on a client that sends faster than its actions are stored. The
+    /// connection never awaits the worker's queue, so it keeps writing the answers the
+    /// worker produces and its timers keep running.
+    waiting: VecDeque<(Instant, IncomingSync, Option<OwnedSemaphorePermit>)>,
+    /// A `sync` frame kept as text until the server's backlog has room for it; nothing more
+    /// is read meanwhile (see `Parked`).
+    parked: Option<Parked>,
     /// Entries to send in the next `sync` frame: deliveries queued back to back go out in
     /// one frame, up to `DELIVERY_FRAME_BYTES_MAX` (estimated).
     coalesced: Vec<Arc<Entry>>,
@@ -158,6 +179,17 @@ struct Connection {
     /// Frames to write before the next flush.
     pending_frames: Vec<String>,
     close: bool,
+}
+
+/// A `sync` frame that did not fit in the server's backlog (`limits.pipeline_backlog_bytes`):
+/// kept as text, which costs a fraction of the decoded and judged actions, until its share is
+/// free. The share is asked for once, so parked connections get it in the order they parked.
+struct Parked {
+    text: String,
+    /// When it arrived: the time the session decodes it at, and the `sync` latency's start.
+    now_ms: i64,
+    arrived: Instant,
+    share: Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>,
 }
 
 /// Runs one connection until it closes.
@@ -208,11 +240,16 @@ where
             }
             _ = room_for_waiting(&conn.waiting, &conn.pipeline_budget, conn.jobs.as_ref()),
                 if !conn.waiting.is_empty() => {}
-            frame = incoming.next(), if conn.waiting.is_empty() => {
+            share = parked_share(&mut conn.parked), if conn.parked.is_some() => {
+                // The client was not idle: the server held its frame.
+                idle_deadline = Instant::now() + idle;
+                conn.unpark(share);
+            }
+            frame = incoming.next(), if conn.waiting.is_empty() && conn.parked.is_none() => {
                 idle_deadline = Instant::now() + idle;
                 conn.inbound(frame);
             }
-            _ = sleep_until(deadline) => {
+            _ = sleep_until(deadline), if conn.parked.is_none() => {
                 tracing::debug!(addr = %conn.peer.addr, "closing a connection that sent nothing in time");
                 if conn.session.is_handshaking() {
                     server.metrics.handshakes.with_label_values(&["timeout"]).inc();
@@ -258,6 +295,7 @@ impl Connection {
             recent: RecentlySent::default(),
             catchup_max: 0,
             waiting: VecDeque::new(),
+            parked: None,
             coalesced: Vec::new(),
             coalesced_bytes: 0,
             pending_frames: Vec::new(),
@@ -270,13 +308,11 @@ impl Connection {
         let outputs = match frame {
             Some(Inbound::Text(text)) => {
                 let now = self.server.clock.now_ms();
-                let session = &mut self.session;
-                if text.len() >= LARGE_FRAME_BYTES && may_block_in_place() {
-                    // The runtime hands this worker's other tasks to another thread meanwhile.
-                    tokio::task::block_in_place(|| session.receive(&text, now))
-                } else {
-                    session.receive(&text, now)
-                }
+                let Some(share) = self.backlog_share(&text) else {
+                    return self.park(text, now);
+                };
+                let outputs = self.receive(&text, now);
+                return self.execute_charged(outputs, Instant::now(), share);
             }
             Some(Inbound::Invalid(error)) => self.session.fail(error),
             None => {
@@ -285,6 +321,64 @@ impl Connection {
             }
         };
         self.execute(outputs);
+    }
+
+    /// The frame's share of the server's backlog: `Some(None)` when it needs none (not a
+    /// `sync`, a small one, or before authentication, when the session queues it within its
+    /// own limit), `None` when the backlog has no room for it now.
+    fn backlog_share(&self, text: &str) -> Option<Option<OwnedSemaphorePermit>> {
+        if self.handle.is_none()
+            || text.len() <= BACKLOG_FREE_FRAME_BYTES_MAX
+            || !crate::protocol::message::may_be_sync(text)
+        {
+            return Some(None);
+        }
+        match Arc::clone(&self.server.backlog).try_acquire_many_owned(self.backlog_cost(text)) {
+            Ok(share) => Some(Some(share)),
+            Err(TryAcquireError::NoPermits) => None,
+            // Never closed; a closed budget would only mean there is nothing to hold.
+            Err(TryAcquireError::Closed) => Some(None),
+        }
+    }
+
+    /// A frame's share of the backlog: its length, at most the whole backlog (a frame larger
+    /// than the backlog waits until the pipeline is otherwise empty).
+    fn backlog_cost(&self, text: &str) -> u32 {
+        let whole = self.server.config.limits.pipeline_backlog_bytes;
+        u32::try_from(text.len().min(whole)).unwrap_or(u32::MAX)
+    }
+
+    /// Decodes and judges one text frame. A large one is handled inside `block_in_place` on a
+    /// multi-thread runtime, so the runtime hands this worker's other connections to another
+    /// thread meanwhile.
+    fn receive(&mut self, text: &str, now_ms: i64) -> Vec<Output> {
+        let session = &mut self.session;
+        if text.len() >= LARGE_FRAME_BYTES && may_block_in_place() {
+            tokio::task::block_in_place(|| session.receive(text, now_ms))
+        } else {
+            session.receive(text, now_ms)
+        }
+    }
+
+    /// Keeps a `sync` frame undecoded until the backlog has room for it.
+    fn park(&mut self, text: String, now_ms: i64) {
+        let cost = self.backlog_cost(&text);
+        let share = Arc::clone(&self.server.backlog).acquire_many_owned(cost);
+        self.parked = Some(Parked {
+            text,
+            now_ms,
+            arrived: Instant::now(),
+            share: Box::pin(share),
+        });
+    }
+
+    /// The parked frame's share is free: decode it now, as if it had just arrived.
+    fn unpark(&mut self, share: Result<OwnedSemaphorePermit, AcquireError>) {
+        let Some(parked) = self.parked.take() else {
+            return;
+        };
+        let outputs = self.receive(&parked.text, parked.now_ms);
+        self.execute_charged(outputs, parked.arrived, share.ok());
     }
 
     /// Takes `item` and what is already queued behind it, so one flush carries many frames.
@@ -407,11 +501,11 @@ async fn worker_finished(worker: &mut Option<tokio::task::JoinHandle<()>>) {
 /// worker's queue has a slot (or is closed, and a successor will take it). Only the connection
 /// task takes budget and slots, so the room seen here is still there for `dispatch_waiting`.
 async fn room_for_waiting(
-    waiting: &VecDeque<(Instant, IncomingSync)>,
+    waiting: &VecDeque<(Instant, IncomingSync, Option<OwnedSemaphorePermit>)>,
     budget: &tokio::sync::Semaphore,
     jobs: Option<&mpsc::Sender<Job>>,
 ) {
-    let Some((_, sync)) = waiting.front() else {
+    let Some((_, sync, _)) = waiting.front() else {
         return pending().await;
     };
     if budget
@@ -426,6 +520,14 @@ async fn room_for_waiting(
     }
 }
 
+/// Resolves with the parked frame's share of the backlog; pending forever when none is parked.
+async fn parked_share(parked: &mut Option<Parked>) -> Result<OwnedSemaphorePermit, AcquireError> {
+    match parked {
+        Some(parked) => parked.share.as_mut().await,
+        None => pending().await,
+    }
+}
+
 async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<Outbound> {
     match outbox {
         Some(receiver) => receiver.recv().await,
@@ -435,6 +537,17 @@ async fn next_outbound(outbox: &mut Option<mpsc::Receiver<Outbound>>) -> Option<
 
 impl Connection {
     fn execute(&mut self, outputs: Vec<Output>) {
+        self.execute_charged(outputs, Instant::now(), None);
+    }
+
+    /// Like `execute`, for the outputs of one frame that arrived at `arrived` and holds
+    /// `share` of the server's backlog (given to the `sync` it decoded to, if any).
+    fn execute_charged(
+        &mut self,
+        outputs: Vec<Output>,
+        arrived: Instant,
+        mut share: Option<OwnedSemaphorePermit>,
+    ) {
         for output in outputs {
             match output {
                 Output::Frame(frame) => self.push_frame(frame),
@@ -454,7 +567,7 @@ impl Connection {
                 Output::Authenticate(request) => self.start_auth(request),
                 Output::Actions(sync) => {
                     if self.handle.is_some() {
-                        self.waiting.push_back((Instant::now(), sync));
+                        self.waiting.push_back((arrived, sync, share.take()));
                     }
                 }
             }
@@ -472,7 +585,7 @@ impl Connection {
     /// Hands waiting `sync`s to the worker, in order, as far as its queue and the action
     /// budget allow, without waiting; a retired worker gets a successor.
     fn dispatch_waiting(&mut self) {
-        while let Some((_, sync)) = self.waiting.front() {
+        while let Some((_, sync, _)) = self.waiting.front() {
             let budget = Arc::clone(&self.pipeline_budget);
             let Ok(permit) = budget.try_acquire_many_owned(Self::budget_of(sync)) else {
                 return;
@@ -485,10 +598,14 @@ impl Connection {
                 },
                 None => None,
             };
-            let Some((received, sync)) = self.waiting.pop_front() else {
+            let Some((received, sync, backlog)) = self.waiting.pop_front() else {
                 return;
             };
-            let job: Job = Box::new((received, sync, permit));
+            let shares = SyncBudget {
+                _queue: permit,
+                _backlog: backlog,
+            };
+            let job: Job = Box::new((received, sync, shares));
             let job = match slot {
                 Some(slot) => {
                     slot.send(job);

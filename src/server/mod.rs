@@ -27,7 +27,7 @@ use process::ProcessLoops;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 /// Key of the persisted server node id in the log's settings.
 const NODE_ID_SETTING: &str = "server_node_id";
@@ -142,6 +142,9 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// The waiting room for handshakes.
     pub admission: Arc<admission::Admission>,
+    /// Bytes of `sync` frames that may still enter the action pipeline, all connections
+    /// together (`limits.pipeline_backlog_bytes`); see `connection::Connection`.
+    pub backlog: Arc<Semaphore>,
     /// The only source of wall time.
     pub clock: Arc<dyn Clock>,
     /// Settings for every protocol session.
@@ -400,6 +403,11 @@ impl Server {
             min_subprotocol: config.min_subprotocol,
             sync_pairs_max: config.limits.sync_pairs_max,
         });
+        let backlog = config
+            .limits
+            .pipeline_backlog_bytes
+            .min(Semaphore::MAX_PERMITS);
+        let backlog = Arc::new(Semaphore::new(backlog));
         Ok(Arc::new(Server {
             config,
             rules,
@@ -408,6 +416,7 @@ impl Server {
             log,
             hub,
             admission,
+            backlog,
             metrics,
             clock,
             session_config,

@@ -11,6 +11,7 @@
 //! on its own. A client's unrelated offline actions are not lost because one was denied.
 
 use super::admission::HeavyPermit;
+use super::connection::SyncBudget;
 use super::hub::{ConnHandle, Outbound};
 use super::judge::Judged;
 use super::Server;
@@ -21,7 +22,7 @@ use crate::peer::Peer;
 use crate::protocol::IncomingSync;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Most entries written in one append request; a larger `sync` is written in several requests
@@ -34,11 +35,11 @@ pub const APPEND_CHUNK_ENTRIES_MAX: usize = 5_000;
 pub const APPENDS_IN_FLIGHT_MAX: usize = 32;
 
 /// Appends of one worker that are queued in the log but not yet durable, oldest first, each
-/// with the queue budget of its `sync` (released once it is durable). The log stores them,
+/// with the budgets of its `sync` (released once it is durable). The log stores them,
 /// and calls their hooks (`synced`), in this order.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
-    appends: VecDeque<(PendingAppend, Option<OwnedSemaphorePermit>)>,
+    appends: VecDeque<(PendingAppend, Option<SyncBudget>)>,
 }
 
 impl InFlight {
@@ -68,7 +69,7 @@ impl InFlight {
         Ok(())
     }
 
-    fn push(&mut self, append: PendingAppend, budget: Option<OwnedSemaphorePermit>) {
+    fn push(&mut self, append: PendingAppend, budget: Option<SyncBudget>) {
         self.appends.push_back((append, budget));
     }
 }
@@ -250,7 +251,7 @@ impl Worker {
         &self,
         received: Instant,
         sync: IncomingSync,
-        budget: OwnedSemaphorePermit,
+        budget: SyncBudget,
         in_flight: &mut InFlight,
     ) -> Result<(), PipelineError> {
         let mut judged = Judged::default();

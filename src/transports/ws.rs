@@ -6,6 +6,7 @@ use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::server::connection::{self, Inbound};
 use crate::server::Server;
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
@@ -20,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data as OpData, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{Frame, Utf8Bytes};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -30,7 +33,16 @@ pub const TRANSPORT: &str = "ws";
 /// 10,000 connections. It grows for large frames.
 pub const WS_READ_BUFFER_BYTES: usize = 512;
 /// Bytes gathered before a write reaches the socket (frames are flushed per batch anyway).
-pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
+/// The write buffer keeps the capacity it once needed, about this plus one frame
+/// (`WS_SEND_FRAME_BYTES_MAX`), for the connection's lifetime.
+pub const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
+/// Largest WebSocket frame sent: a longer message goes out as one text frame and continuation
+/// frames of at most this size (clients join them; it is still one Logux message). tungstenite
+/// copies every frame into the socket's write buffer, and that buffer keeps the capacity of
+/// the largest one for the connection's lifetime. Unsplit, a subscription's history (tens of
+/// KB) left the write buffers of 15,000 storming connections holding 8-12 KB each (heaptrack:
+/// 121-180 MB); split, with `WS_WRITE_BUFFER_BYTES` at 4 KiB, 4.5 KB each (67 MB).
+pub const WS_SEND_FRAME_BYTES_MAX: usize = 4 * 1024;
 /// Largest frames' worth of bytes that may wait to be written to one socket: room for a frame
 /// of `frame_bytes_max` while the previous one is still being written.
 pub const WS_PENDING_WRITE_FRAMES_MAX: usize = 2;
@@ -152,14 +164,74 @@ where
         });
     // Type-erased, so that the connection code is compiled once for every socket type.
     let incoming: IncomingFrames = Box::pin(incoming);
-    let outgoing: OutgoingFrames = Box::pin(
-        sink.with(|frame: String| async move { Ok::<_, WsError>(Message::Text(frame.into())) }),
-    );
+    let outgoing: OutgoingFrames = Box::pin(sink.with_flat_map(|frame: String| {
+        futures_util::stream::iter(Fragments::new(frame, WS_SEND_FRAME_BYTES_MAX))
+    }));
     connection::run(server, incoming, outgoing, peer).await;
 }
 
 type IncomingFrames = std::pin::Pin<Box<dyn futures_util::Stream<Item = Inbound> + Send>>;
 type OutgoingFrames = std::pin::Pin<Box<dyn futures_util::Sink<String, Error = WsError> + Send>>;
+
+/// The WebSocket frames of one text message: the message itself when it has at most `max`
+/// bytes, otherwise a text frame and continuation frames of at most `max` bytes each (cut at
+/// character boundaries, so each frame is UTF-8 on its own too), the last one final.
+struct Fragments {
+    text: Bytes,
+    /// Bytes of `text` already in frames.
+    sent: usize,
+    max: usize,
+}
+
+impl Fragments {
+    fn new(text: String, max: usize) -> Fragments {
+        Fragments {
+            text: Bytes::from(text),
+            sent: 0,
+            max: max.max(MAX_UTF8_CHAR_BYTES),
+        }
+    }
+}
+
+/// Longest UTF-8 encoding of one character.
+const MAX_UTF8_CHAR_BYTES: usize = 4;
+
+impl Iterator for Fragments {
+    type Item = Result<Message, WsError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let len = self.text.len();
+        if self.sent == 0 && len <= self.max {
+            self.sent = len.max(1);
+            let text = std::mem::take(&mut self.text);
+            return Some(Ok(match Utf8Bytes::try_from(text) {
+                Ok(text) => Message::Text(text),
+                // Never: the bytes came from a `String`.
+                Err(_) => Message::Text(Utf8Bytes::default()),
+            }));
+        }
+        if self.sent >= len {
+            return None;
+        }
+        let mut end = (self.sent + self.max).min(len);
+        // Back to the start of a character (at most 3 continuation bytes).
+        while end < len && end > self.sent + 1 && (self.text[end] & 0xC0) == 0x80 {
+            end -= 1;
+        }
+        let opcode = if self.sent == 0 {
+            OpCode::Data(OpData::Text)
+        } else {
+            OpCode::Data(OpData::Continue)
+        };
+        let payload = self.text.slice(self.sent..end);
+        self.sent = end;
+        Some(Ok(Message::Frame(Frame::message(
+            payload,
+            opcode,
+            end == len,
+        ))))
+    }
+}
 
 /// One read from the socket, as the connection sees it.
 enum Step {
@@ -188,6 +260,62 @@ fn step(message: Result<Message, WsError>, frame_bytes_max: usize) -> Step {
         Err(error) => {
             tracing::debug!(%error, "websocket read failed");
             Step::End
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The frames of `text` cut at `max`: (opcode, final, payload).
+    fn frames_of(text: &str, max: usize) -> Vec<(OpCode, bool, Vec<u8>)> {
+        Fragments::new(text.to_owned(), max)
+            .map(|message| match message.expect("a frame") {
+                Message::Text(text) => (OpCode::Data(OpData::Text), true, text.as_bytes().to_vec()),
+                Message::Frame(frame) => (
+                    frame.header().opcode,
+                    frame.header().is_final,
+                    frame.payload().to_vec(),
+                ),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_message_goes_out_in_frames_of_at_most_the_limit_cut_between_characters() {
+        // 3-byte characters, so a cut at a multiple of 4096 would split one.
+        let text = format!("[\"sync\",1,\"{}\"]", "語".repeat(5_000));
+        let frames = frames_of(&text, WS_SEND_FRAME_BYTES_MAX);
+        assert!(frames.len() >= 4, "{} frames", frames.len());
+        let last = frames.len() - 1;
+        for (i, (opcode, is_final, payload)) in frames.iter().enumerate() {
+            let expected = if i == 0 {
+                OpCode::Data(OpData::Text)
+            } else {
+                OpCode::Data(OpData::Continue)
+            };
+            assert_eq!(*opcode, expected, "frame {i}");
+            assert_eq!(*is_final, i == last, "frame {i}");
+            assert!(payload.len() <= WS_SEND_FRAME_BYTES_MAX, "frame {i}");
+            assert!(
+                std::str::from_utf8(payload).is_ok(),
+                "frame {i} cuts a character"
+            );
+        }
+        let joined: Vec<u8> = frames.into_iter().flat_map(|(_, _, p)| p).collect();
+        assert_eq!(joined, text.as_bytes());
+    }
+
+    #[test]
+    fn a_message_within_the_limit_is_one_text_message() {
+        for text in ["", r#"["pong",0]"#, &"x".repeat(WS_SEND_FRAME_BYTES_MAX)] {
+            assert_eq!(
+                frames_of(text, WS_SEND_FRAME_BYTES_MAX),
+                vec![(OpCode::Data(OpData::Text), true, text.as_bytes().to_vec())]
+            );
         }
     }
 }
