@@ -21,7 +21,7 @@ const BLOCK_VERSION: u8 = 1;
 const VARINT_LEN_MAX: usize = 10;
 
 /// Appends `value` to `out` as an unsigned LEB128 varint.
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+pub(super) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8 & 0x7f) | 0x80);
         value >>= 7;
@@ -30,7 +30,7 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 }
 
 /// Reads one varint at `*at`, moving `*at` past it.
-fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+pub(super) fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     let mut value = 0u64;
     for shift in 0..VARINT_LEN_MAX {
         let byte = *bytes.get(*at)?;

@@ -1,11 +1,13 @@
 //! Key layout of the log's single sled tree.
 //!
 //! Every record lives in the default tree under a one-byte prefix, so that one group commit is
-//! one `apply_batch` and therefore crash-atomic. This is log format 2 (`FORMAT_VERSION`):
+//! one `apply_batch` and therefore crash-atomic. This is log format 3 (`FORMAT_VERSION`):
 //!
 //! - `b` + first added (u64 big-endian) → a block of consecutive entries of one group commit
 //!   (see `block`), each as JSON with `meta.added` set;
-//! - `i` + action id → added (u64 big-endian), for every entry without `Meta::fresh_id`;
+//! - the id index, for every entry without `Meta::fresh_id` (see `ids`): `j` + node + 0x00 +
+//!   time + seq → a chunk of up to 256 ids of one node with their `added`, for ids of the
+//!   form `time node seq`; `i` + action id → added (u64 big-endian) for any other id;
 //! - `c` + channel + 0x00 + first added → a posting: the positions of the channel's entries
 //!   in one group commit (channel index);
 //! - `t` + kind (`u`, `c` or `n`) + name + 0x00 + first added → a posting of the targeted
@@ -22,8 +24,9 @@ pub(super) const BLOCK_PREFIX: u8 = b'b';
 /// such a data directory.
 pub(super) const FORMAT_1_ENTRY_PREFIX: u8 = b'a';
 /// The log format this code reads and writes, stored under `format_key`.
-pub(super) const FORMAT_VERSION: u32 = 2;
-/// Prefix of the id index, which maps an action id to its `added`.
+pub(super) const FORMAT_VERSION: u32 = 3;
+/// Prefix of the id records of ids not of the form `time node seq`, which map the id to its
+/// `added`.
 pub(super) const ID_PREFIX: u8 = b'i';
 /// Prefix of the channel index.
 pub(super) const CHANNEL_PREFIX: u8 = b'c';

@@ -10,6 +10,7 @@
 //! above `head`, so they only ever return durable entries.
 
 mod block;
+mod ids;
 mod keys;
 mod recent;
 mod replica;
@@ -21,7 +22,7 @@ mod tests;
 use crate::action::Entry;
 use block::{decode_posting, encode_block, encode_posting, Block};
 use keys::{
-    block_key, channel_head, decode_added, decode_entry, format_key, id_key, index_prefixes,
+    block_key, channel_head, decode_added, decode_entry, format_key, index_prefixes,
     last_added_key, posting_key, posting_prefix, setting_key, target_head, TargetKind,
     BLOCK_PREFIX, FORMAT_1_ENTRY_PREFIX, FORMAT_VERSION,
 };
@@ -719,14 +720,8 @@ impl Log {
 
     /// Position of a stored action id.
     pub fn added_of(&self, id: &str) -> Result<Option<u64>, LogError> {
-        let key = id_key(id);
-        match self.inner.shared.db.get(&key)? {
-            Some(value) => {
-                let added = decode_added(&key, &value)?;
-                Ok((added <= self.head()).then_some(added))
-            }
-            None => Ok(None),
-        }
+        let added = ids::lookup(&self.inner.shared.db, id)?;
+        Ok(added.filter(|&added| added <= self.head()))
     }
 
     /// The positions indexed for `channel` with `after < added <= upto` (at most `upto -
@@ -1051,10 +1046,7 @@ impl Log {
                 return Ok(());
             }
         };
-        let id_key = id_key(&entry.meta.id);
-        if self.inner.shared.db.get(&id_key)?.as_deref() == Some(&added.to_be_bytes()[..]) {
-            records.remove.push(id_key);
-        }
+        records.forget_ids.push((entry.meta.id.clone(), added));
         for prefix in index_prefixes(&entry) {
             if !names.contains(&prefix) {
                 names.push(prefix);
@@ -1099,7 +1091,7 @@ fn check_format(db: &sled::Db, dir: &Path) -> Result<(), LogError> {
     let refuse = |found: &str| {
         LogError::UnsupportedFormat(format!(
             "the data directory {} holds log format {found}, and this Ferry reads and writes \
-             only format {FORMAT_VERSION} (one record per group of entries, since 2026-12-03); \
+             only format {FORMAT_VERSION} (since 2026-12-03: entries in blocks, ids in chunks per node); \
              it does not convert old directories: start on a new --data-dir, or keep the \
              older Ferry for this one",
             dir.display()

@@ -157,9 +157,6 @@ impl Writer {
         let mut states = HashMap::new();
         self.reduce(&entry, group_states, &mut states)?;
         let (json, bytes) = encode_entry(&entry)?;
-        if !fresh_id {
-            batch.insert(super::keys::id_key(&entry.meta.id), seq.to_be_bytes());
-        }
         for (object, state) in states {
             batch.insert(super::keys::state_key(&object), &state);
             group_states.insert(object, state);

@@ -1197,6 +1197,83 @@ async fn a_data_directory_of_log_format_1_is_refused_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_data_directory_of_log_format_2_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        // Format 2 kept one `i` record per id, which format 3 does not read for Logux ids.
+        let db = sled::open(dir.path()).expect("sled opens");
+        db.insert(keys::format_key(), &2u32.to_be_bytes()[..])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let opened = Log::open(
+        dir.path(),
+        LogOptions::default(),
+        Arc::new(Recorder::default()),
+    );
+    match opened {
+        Err(LogError::UnsupportedFormat(message)) => {
+            assert!(message.contains("format 2"), "{message}");
+            assert!(message.contains("new --data-dir"), "{message}");
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a format 2 directory was opened"),
+    }
+}
+
+#[tokio::test]
+async fn an_action_resent_after_its_clock_stepped_back_is_still_a_duplicate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (log, _) = open(dir.path());
+    // One node's ids: a run, then a clock step back into that run's range, in later groups.
+    append_all(
+        &log,
+        (10..30).map(|time| entry(&format!("{time} a 0"))).collect(),
+    )
+    .await;
+    append_all(
+        &log,
+        (15..25).map(|time| entry(&format!("{time} a 1"))).collect(),
+    )
+    .await;
+    // The third group: two duplicates inside both runs, and one new id below them.
+    let third = append_all(&log, vec![entry("20 a 0"), entry("20 a 1"), entry("5 a 0")]).await;
+    assert_eq!(
+        third,
+        vec![
+            AppendOutcome::Duplicate(11),
+            AppendOutcome::Duplicate(26),
+            AppendOutcome::Appended(31),
+        ]
+    );
+    let outcomes = log
+        .append(
+            vec![
+                entry("20 a 0"),
+                entry("17 a 1"),
+                entry("5 a 0"),
+                entry("31 a 0"),
+            ],
+            None,
+        )
+        .await
+        .expect("append");
+    assert_eq!(
+        outcomes,
+        vec![
+            AppendOutcome::Duplicate(11),
+            AppendOutcome::Duplicate(23),
+            AppendOutcome::Duplicate(31),
+            AppendOutcome::Appended(32),
+        ]
+    );
+    let (log, _) = reopen(log, dir.path()).await;
+    assert_eq!(log.added_of("24 a 1").expect("read"), Some(30));
+    assert_eq!(log.added_of("20 a 1").expect("read"), Some(26));
+    assert_eq!(log.added_of("25 a 1").expect("read"), None);
+}
+
+#[tokio::test]
 async fn retention_and_reads_work_across_many_small_blocks() {
     let dir = tempfile::tempdir().expect("temp dir");
     let options = LogOptions {

@@ -2,9 +2,10 @@
 //! commits (one sled batch and one flush for many requests).
 
 use super::block::{encode_posting, BlockBuilder};
+use super::ids::IdChanges;
 use super::keys::{
-    block_key, id_key, index_prefixes, last_added_key, posting_key, setting_key, state_key,
-    task_key, ADDED_LEN_BYTES,
+    block_key, index_prefixes, last_added_key, posting_key, setting_key, state_key, task_key,
+    ADDED_LEN_BYTES,
 };
 use super::recent::estimated_bytes;
 use super::replica::{GroupTasks, Replicated};
@@ -44,6 +45,9 @@ pub(super) struct RecordOps {
     pub(super) insert: Vec<(Vec<u8>, Vec<u8>)>,
     /// Keys to remove.
     pub(super) remove: Vec<Vec<u8>>,
+    /// Ids to drop from the id index, each while it still points at that `added`
+    /// (retention).
+    pub(super) forget_ids: Vec<(String, u64)>,
 }
 
 impl RecordOps {
@@ -52,21 +56,25 @@ impl RecordOps {
         RecordOps {
             insert: vec![(setting_key(key), value.as_bytes().to_vec())],
             remove: Vec::new(),
+            forget_ids: Vec::new(),
         }
     }
 
     /// Whether there is nothing to write.
     pub(super) fn is_empty(&self) -> bool {
-        self.insert.is_empty() && self.remove.is_empty()
+        self.insert.is_empty() && self.remove.is_empty() && self.forget_ids.is_empty()
     }
 
-    /// Adds the changes to `batch`.
-    fn stage(self, batch: &mut CountedBatch) {
+    /// Adds the changes to `batch`, and the ids to forget to the group's `ids`.
+    fn stage(self, batch: &mut CountedBatch, ids: &mut IdChanges) {
         for (key, value) in self.insert {
             batch.insert(key, value);
         }
         for key in self.remove {
             batch.remove(key);
+        }
+        for (id, added) in self.forget_ids {
+            ids.forget(&id, added);
         }
     }
 }
@@ -102,7 +110,7 @@ impl CountedBatch {
         self.batch.remove(key);
     }
 
-    fn finish(self) -> (sled::Batch, Written) {
+    pub(super) fn finish(self) -> (sled::Batch, Written) {
         (self.batch, self.written)
     }
 }
@@ -431,6 +439,7 @@ impl Writer {
         let mut group_states = HashMap::new();
         let mut group_tasks = GroupTasks::default();
         let mut stored = GroupEntries::default();
+        let mut id_changes = IdChanges::default();
         let mut staged = Vec::with_capacity(group.len());
         let next_before = self.next_added;
         for request in group {
@@ -454,7 +463,7 @@ impl Writer {
             };
             if let Ok(outcomes) = &result {
                 stage_tasks(request.tasks, outcomes, &mut batch);
-                request.records.stage(&mut batch);
+                request.records.stage(&mut batch, &mut id_changes);
             }
             staged.push(Staged {
                 result,
@@ -464,6 +473,10 @@ impl Writer {
         }
 
         let (stored, stored_bytes) = stored.stage(self.block_limits, &mut batch);
+        for (id, added) in group_ids {
+            id_changes.store(&id, added);
+        }
+        let ids_staged = id_changes.stage(&self.shared.db, &mut batch);
         let started = std::time::Instant::now();
         let last_added = self.next_added.saturating_sub(1);
         let moved = self.next_added > next_before;
@@ -472,13 +485,16 @@ impl Writer {
         }
         let mut written = Written::default();
         // Anything staged (entries, tasks, settings, removals) must be written and flushed.
-        if batch.written.records > 0 {
+        if batch.written.records > 0 || ids_staged.is_err() {
             let batch = {
                 let (batch, counted) = batch.finish();
                 written = counted;
                 batch
             };
-            if let Err(error) = self.shared.db.apply_batch(batch) {
+            // The id index could not be read: writing the group without it would lose
+            // de-duplication, so it fails as a failed write does.
+            let applied = ids_staged.and_then(|()| Ok(self.shared.db.apply_batch(batch)?));
+            if let Err(error) = applied {
                 let reason = error.to_string();
                 tracing::error!(error = %reason, "log write failed; the log refuses further writes");
                 self.shared.poison(&reason);
@@ -521,7 +537,6 @@ impl Writer {
     ) -> Result<Vec<AppendOutcome>, LogError> {
         let first_added = self.next_added;
         let mut outcomes = Vec::with_capacity(entries.len());
-        let mut ids: Vec<(Vec<u8>, u64)> = Vec::new();
         let mut fresh = Vec::new();
         // States changed by this request; merged into the group's only if it succeeds.
         let mut states: HashMap<String, Vec<u8>> = HashMap::new();
@@ -564,7 +579,6 @@ impl Writer {
                 break;
             }
             if !fresh_id {
-                ids.push((id_key(&entry.meta.id), added));
                 group_ids.insert(entry.meta.id.clone(), added);
             }
             // A u64 counter that grows by one per stored entry does not overflow in practice.
@@ -578,9 +592,6 @@ impl Writer {
                 group_ids.remove(&entry.meta.id);
             }
             return Err(error);
-        }
-        for (key, added) in ids {
-            batch.insert(key, added.to_be_bytes());
         }
         for (object, state) in states {
             batch.insert(state_key(&object), state.clone());
@@ -640,10 +651,6 @@ impl Writer {
 
     /// The position of an already stored id.
     fn stored_added(&self, id: &str) -> Result<Option<u64>, LogError> {
-        let key = id_key(id);
-        match self.shared.db.get(&key)? {
-            Some(value) => super::keys::decode_added(&key, &value).map(Some),
-            None => Ok(None),
-        }
+        super::ids::lookup(&self.shared.db, id)
     }
 }
