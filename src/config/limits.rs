@@ -54,7 +54,7 @@ pub const PIPELINE_NICE_DEFAULT: i32 = 10;
 /// Highest `pipeline_nice`, and the highest (lowest-priority) `nice` value Linux allows:
 /// the range of `nice` values is 39 steps, and 19 above the default is already the lowest.
 pub const PIPELINE_NICE_MAX: i32 = 19;
-/// Default `log_cache_bytes`: sled's page cache, defined by the log (see there why 512 MiB).
+/// Default `log_cache_bytes`: sled's page cache, defined by the log (see there why 128 MiB).
 pub const LOG_CACHE_BYTES_DEFAULT: u64 = crate::log::CACHE_BYTES_DEFAULT;
 /// Default `pipeline_backlog_bytes`: the `sync` frames, in bytes of their text, that may be in
 /// the action pipeline at once, all connections together. In a reconnect storm the offline

@@ -163,6 +163,48 @@ pub(super) fn lookup(db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
         .map(|index| items[index].added))
 }
 
+/// The newest id position stored for each node, read once per group commit (the store does
+/// not change while a group is staged): an id after it, as a node's new ids usually are,
+/// needs no further read.
+#[derive(Debug, Default)]
+pub(super) struct NodeHeads(HashMap<String, Option<At>>);
+
+impl NodeHeads {
+    /// `lookup`, answered from the node's head when the id is newer.
+    pub(super) fn lookup(&mut self, db: &sled::Db, id: &str) -> Result<Option<u64>, LogError> {
+        if let Some((node, at)) = parse(id) {
+            let head = match self.0.get(node) {
+                Some(&head) => head,
+                None => {
+                    let head = node_head(db, node)?;
+                    self.0.insert(node.to_owned(), head);
+                    head
+                }
+            };
+            if head.is_none_or(|head| at > head) {
+                return Ok(None);
+            }
+        }
+        lookup(db, id)
+    }
+
+    /// Forgets every head: the next group reads them again.
+    pub(super) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// The position of the newest id stored for `node`: the last id of its last chunk.
+fn node_head(db: &sled::Db, node: &str) -> Result<Option<At>, LogError> {
+    match db.scan_prefix(chunk_prefix(node)).next_back() {
+        Some(found) => {
+            let (key, value) = found?;
+            chunk_last(&key, &value).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
 /// What one group commit changes in the id index: the ids it stores and the ids retention
 /// removes (each only while it still points at that `added`).
 #[derive(Debug, Default)]
@@ -463,6 +505,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn node_heads_answer_like_the_index() {
+        let db = sled::Config::new().temporary(true).open().expect("db");
+        let mut changes = IdChanges::default();
+        for (time, added) in [(5, 1), (9, 2), (7, 3)] {
+            changes.store(&id(1, (time, 0)), added);
+        }
+        changes.store("odd id", 4);
+        let mut batch = CountedBatch::default();
+        changes.stage(&db, &mut batch).expect("staged");
+        db.apply_batch(batch.finish().0).expect("applied");
+        let mut heads = NodeHeads::default();
+        for time in 0..12 {
+            for node in 1..3 {
+                let id = id(node, (time, 0));
+                assert_eq!(
+                    heads.lookup(&db, &id).expect("head"),
+                    lookup(&db, &id).expect("index")
+                );
+            }
+        }
+        assert_eq!(heads.lookup(&db, &id(1, (9, 0))).expect("head"), Some(2));
+        assert_eq!(heads.lookup(&db, "odd id").expect("single"), Some(4));
     }
 
     #[test]

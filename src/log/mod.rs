@@ -79,10 +79,11 @@ pub enum LogError {
     Unavailable(String),
 }
 
-/// Default size of sled's page cache (`[limits] log_cache_bytes` uses it too). A
-/// 15,000-client storm took 46 s of server CPU with 512 MiB against 56 s with 64 MiB, for
-/// about the same peak RSS.
-pub const CACHE_BYTES_DEFAULT: u64 = 512 * 1024 * 1024;
+/// Default size of sled's page cache (`[limits] log_cache_bytes` uses it too). Since log
+/// format 3 a 15,000 x 20 storm writes about 93,000 records; with 128 MiB it took the same
+/// server CPU as with 512 MiB (15.3 s against 15.2-16.2 s) at 691 MB peak RSS instead of
+/// 765-780 MB, and with 64 MiB 15.6 s at 666 MB (bench/README, 2026-12-03 format 3).
+pub const CACHE_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
 /// Default memory budget of the decoded newest entries (see `recent`).
 pub const RECENT_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 
@@ -493,6 +494,7 @@ impl Log {
             next_added: head + 1,
             group_entries_max: options.group_commit_entries_max.max(1),
             block_limits: (options.block_entries_max.max(1), options.block_bytes_max),
+            node_heads: Default::default(),
         };
         runtime.spawn(writer.run(stopped_sender));
         Ok(Log {

@@ -2,7 +2,7 @@
 //! commits (one sled batch and one flush for many requests).
 
 use super::block::{encode_posting, BlockBuilder};
-use super::ids::IdChanges;
+use super::ids::{IdChanges, NodeHeads};
 use super::keys::{
     block_key, index_prefixes, last_added_key, posting_key, setting_key, state_key, task_key,
     ADDED_LEN_BYTES,
@@ -11,6 +11,7 @@ use super::recent::estimated_bytes;
 use super::replica::{GroupTasks, Replicated};
 use super::{AppendOutcome, CommitListener, DurableHook, LogError, Shared, StateReducer, TaskOp};
 use crate::action::Entry;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -376,6 +377,8 @@ pub(super) struct Writer {
     pub(super) group_entries_max: usize,
     /// Most entries, and the bytes after which a block is closed, of one block.
     pub(super) block_limits: (usize, usize),
+    /// Each node's newest stored id, read at most once per group commit.
+    pub(super) node_heads: RefCell<NodeHeads>,
 }
 
 impl Writer {
@@ -434,6 +437,7 @@ impl Writer {
             return;
         }
 
+        self.node_heads.get_mut().clear();
         let mut batch = CountedBatch::default();
         let mut group_ids = HashMap::new();
         let mut group_states = HashMap::new();
@@ -651,6 +655,6 @@ impl Writer {
 
     /// The position of an already stored id.
     fn stored_added(&self, id: &str) -> Result<Option<u64>, LogError> {
-        super::ids::lookup(&self.shared.db, id)
+        self.node_heads.borrow_mut().lookup(&self.shared.db, id)
     }
 }
