@@ -140,66 +140,102 @@ pub struct Meta {
 }
 
 /// One action with its meta: the unit the log stores and the hub routes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The action is held as a `Value`, as its JSON text, or both, each made from the other on
+/// first use. Entries read back from the log start as text only: delivering them needs only
+/// the text, so most history reads never build a `Value` (in a 15,000 client storm, decoding
+/// stored actions into values was a tenth of the server's CPU).
+#[derive(Clone)]
 pub struct Entry {
-    /// The action object; always has a string `type`.
-    pub action: Value,
+    action: ActionBody,
     /// Its meta.
     pub meta: Meta,
+}
+
+/// An action as a value, as JSON text, or both; at least one is always set.
+#[derive(Clone, Default)]
+struct ActionBody {
+    /// The action object; always has a string `type`.
+    value: OnceLock<Value>,
     /// The action's JSON text, written once and shared by every connection that sends it
     /// (one channel action goes to every subscriber).
-    #[serde(skip)]
-    pub json: JsonCache,
-}
-
-/// A lazily computed JSON text; it never takes part in comparisons.
-#[derive(Default, Clone)]
-pub struct JsonCache(OnceLock<Arc<str>>);
-
-impl PartialEq for JsonCache {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl fmt::Debug for JsonCache {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("JsonCache")
-    }
+    json: OnceLock<Arc<str>>,
 }
 
 impl Entry {
-    /// An entry with an empty JSON cache.
+    /// An entry for `action`, its JSON text made on first use.
     pub fn new(action: Value, meta: Meta) -> Entry {
         Entry {
-            action,
+            action: ActionBody {
+                value: OnceLock::from(action),
+                json: OnceLock::new(),
+            },
             meta,
-            json: JsonCache::default(),
         }
     }
 
-    /// An entry whose action's JSON text is already known; `json` must be what
-    /// `serde_json::to_string(&action)` gives (the log passes the text it stored).
-    pub fn with_action_json(action: Value, meta: Meta, json: Arc<str>) -> Entry {
+    /// An entry whose action is known only as JSON text, decoded on first use. `json` must be
+    /// a JSON object (the log passes the text it stored, which it checked when reading it).
+    pub fn from_action_json(json: Arc<str>, meta: Meta) -> Entry {
         Entry {
-            action,
+            action: ActionBody {
+                value: OnceLock::new(),
+                json: OnceLock::from(json),
+            },
             meta,
-            json: JsonCache(OnceLock::from(json)),
         }
+    }
+
+    /// The action object, decoded from its text on first use.
+    pub fn action(&self) -> &Value {
+        self.action.value.get_or_init(|| {
+            let text = self.action.json.get().map_or("null", |json| &**json);
+            // The text was checked to be JSON when it was read; a value too deep for the
+            // decoder is the only failure left, and it still travels as its text.
+            serde_json::from_str(text).unwrap_or(Value::Null)
+        })
+    }
+
+    /// Replaces the action (its JSON text is made again on first use).
+    pub fn set_action(&mut self, action: Value) {
+        self.action = ActionBody {
+            value: OnceLock::from(action),
+            json: OnceLock::new(),
+        };
+    }
+
+    /// The action object, taken out of the entry.
+    pub fn into_action(self) -> Value {
+        match self.action.value.into_inner() {
+            Some(value) => value,
+            None => {
+                let text = self.action.json.get().map_or("null", |json| &**json);
+                serde_json::from_str(text).unwrap_or(Value::Null)
+            }
+        }
+    }
+
+    /// Drops the decoded action and keeps only its JSON text (made now if missing): an entry
+    /// that stays in memory for long (the log's window of recent entries, queued deliveries)
+    /// takes a fraction of the memory, and is decoded again only if somebody asks for it.
+    pub fn keep_json_only(&mut self) {
+        self.action_json();
+        self.action.value.take();
     }
 
     /// The action as JSON text, serialized on first use.
     pub fn action_json(&self) -> &str {
-        self.json
-            .0
+        self.action.json.get_or_init(|| {
+            let value = self.action.value.get().unwrap_or(&Value::Null);
             // `to_string` goes through `fmt::Display`, a byte-by-byte adapter: in a storm it
             // was most of the time the connections spent serializing.
-            .get_or_init(|| Arc::from(serde_json::to_string(&self.action).unwrap_or_default()))
+            Arc::from(serde_json::to_string(value).unwrap_or_default())
+        })
     }
 
     /// The action's `type`, or `""` when missing (never the case for validated actions).
     pub fn action_type(&self) -> &str {
-        self.action
+        self.action()
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or_default()
@@ -209,6 +245,48 @@ impl Entry {
     pub fn author_client_id(&self) -> &str {
         let node = self.meta.id.split(' ').nth(1).unwrap_or_default();
         NodeIds::client_id_of(node)
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Entry) -> bool {
+        self.meta == other.meta && self.action() == other.action()
+    }
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("action", self.action())
+            .field("meta", &self.meta)
+            .finish()
+    }
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct EntryValue<'a> {
+            action: &'a Value,
+            meta: &'a Meta,
+        }
+        EntryValue {
+            action: self.action(),
+            meta: &self.meta,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Entry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Entry, D::Error> {
+        #[derive(Deserialize)]
+        struct EntryValue {
+            action: Value,
+            meta: Meta,
+        }
+        let EntryValue { action, meta } = EntryValue::deserialize(deserializer)?;
+        Ok(Entry::new(action, meta))
     }
 }
 
@@ -231,6 +309,64 @@ mod tests {
         for bad in ["", "1 a", "x a 0", "1 a b", "1  0", "1 a 0 extra", "1 a -1"] {
             assert_eq!(ActionId::parse(bad), None, "{bad:?}");
         }
+    }
+
+    fn meta(id: &str) -> Meta {
+        Meta {
+            id: id.to_owned(),
+            time: 1,
+            ..Meta::default()
+        }
+    }
+
+    #[test]
+    fn an_entry_known_as_text_decodes_its_action_on_first_use() {
+        let text = r#"{"type":"a","n":1.5,"s":"\u00e9"}"#;
+        let entry = Entry::from_action_json(Arc::from(text), meta("1 a 0"));
+        assert_eq!(
+            entry.action_json(),
+            text,
+            "the text travels as it was stored"
+        );
+        assert_eq!(entry.action_type(), "a");
+        assert_eq!(
+            entry.action(),
+            &serde_json::json!({"type": "a", "n": 1.5, "s": "é"})
+        );
+        assert_eq!(entry.clone().into_action()["s"], "é");
+    }
+
+    #[test]
+    fn an_entry_keeping_only_its_text_has_the_same_action_and_text() {
+        let action = serde_json::json!({"type": "a", "z": [1, {"b": null}], "a": "x"});
+        let mut entry = Entry::new(action.clone(), meta("1 a 0"));
+        let before = entry.clone();
+        entry.keep_json_only();
+        assert_eq!(
+            entry.action_json(),
+            serde_json::to_string(&action).expect("encode")
+        );
+        assert_eq!(entry, before);
+        assert_eq!(entry.into_action(), action);
+    }
+
+    #[test]
+    fn setting_the_action_replaces_its_text() {
+        let mut entry = Entry::from_action_json(Arc::from(r#"{"type":"a"}"#), meta("1 a 0"));
+        entry.set_action(serde_json::json!({"type": "b"}));
+        assert_eq!(entry.action_json(), r#"{"type":"b"}"#);
+        assert_eq!(entry.action_type(), "b");
+    }
+
+    #[test]
+    fn entries_serialize_as_action_and_meta_either_way() {
+        let text = r#"{"type":"a","n":2}"#;
+        let from_text = Entry::from_action_json(Arc::from(text), meta("1 a 0"));
+        let from_value = Entry::new(serde_json::from_str(text).expect("json"), meta("1 a 0"));
+        let encoded = serde_json::to_string(&from_text).expect("encode");
+        assert_eq!(encoded, serde_json::to_string(&from_value).expect("encode"));
+        let decoded: Entry = serde_json::from_str(&encoded).expect("decode");
+        assert_eq!(decoded, from_value);
     }
 
     #[test]

@@ -36,9 +36,9 @@ impl EntrySpec {
         let pick = |pool: &[&str], picks: &[usize]| -> Vec<String> {
             picks.iter().map(|&n| pool[n].to_owned()).collect()
         };
-        Entry {
-            action: json!({ "type": "model", "value": self.value }),
-            meta: Meta {
+        Entry::new(
+            json!({ "type": "model", "value": self.value }),
+            Meta {
                 id: id_of(self.id),
                 time: i64::from(self.value),
                 channels: pick(&CHANNELS, &self.channels),
@@ -47,8 +47,7 @@ impl EntrySpec {
                 nodes: pick(&NODES, &self.nodes),
                 ..Meta::default()
             },
-            json: Default::default(),
-        }
+        )
     }
 }
 

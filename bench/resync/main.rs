@@ -110,17 +110,16 @@ fn entry(mode: Mode, n: u64, objects: u64, base_ms: i64) -> Entry {
             vec!["tasks".to_owned(), format!("tasks/{object}")],
         ),
     };
-    Entry {
+    Entry::new(
         action,
-        meta: Meta {
+        Meta {
             id: format!("{ms} {node} 0"),
             time: ms,
             subprotocol: 1,
             channels,
             ..Meta::default()
         },
-        json: Default::default(),
-    }
+    )
 }
 
 async fn run_one(mode: Mode, size: u64, objects: u64) -> Result<Value, String> {

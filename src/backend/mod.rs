@@ -215,7 +215,7 @@ impl HookContext<'_> {
     /// A hook body about one action under `rule`.
     pub fn action_body(&self, hook: Hook, rule: &RuleHooks, entry: &Entry) -> Value {
         let mut body = self.body(hook, &rule.headers, &rule.cookies);
-        body.insert("action".into(), entry.action.clone());
+        body.insert("action".into(), entry.action().clone());
         body.insert("meta".into(), meta_json(&entry.meta));
         Value::Object(body)
     }

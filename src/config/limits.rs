@@ -66,7 +66,7 @@ pub const PIPELINE_BACKLOG_BYTES_DEFAULT: usize = 2 * 1024 * 1024;
 /// Most `pipeline_backlog_bytes`: a `sync`'s share is taken from it at once, in one count
 /// of at most `u32::MAX`.
 pub const PIPELINE_BACKLOG_BYTES_MAX: usize = u32::MAX as usize;
-/// Default `log_recent_bytes`: the newest entries kept decoded in memory, so subscriptions
+/// Default `log_recent_bytes`: the newest entries kept in memory, so subscriptions
 /// and catch-ups read them without sled and JSON.
 pub const LOG_RECENT_BYTES_DEFAULT: usize = crate::log::RECENT_BYTES_DEFAULT;
 
@@ -117,7 +117,7 @@ pub struct Limits {
     pub pipeline_backlog_bytes: usize,
     /// Size of the log's page cache (sled), in bytes.
     pub log_cache_bytes: u64,
-    /// Memory budget, in estimated bytes, of the newest entries kept decoded; 0 turns it off.
+    /// Memory budget, in estimated bytes, of the newest entries kept in memory; 0 turns it off.
     pub log_recent_bytes: usize,
 }
 

@@ -215,8 +215,28 @@ pub(super) fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, LogError> 
     };
     let stored: StoredEntry = serde_json::from_slice(value).map_err(corrupt)?;
     let text = stored.action.get();
-    let action = serde_json::from_str(text).map_err(corrupt)?;
-    Ok(Entry::with_action_json(action, stored.meta, text.into()))
+    if !text.starts_with('{') {
+        return Err(LogError::Corrupt {
+            key: describe_key(key),
+            reason: "the stored action is not an object".to_owned(),
+        });
+    }
+    Ok(Entry::from_action_json(text.into(), stored.meta))
+}
+
+/// The stored JSON of an entry, `{"action":…,"meta":…}`, with the action's JSON text as it
+/// is (the same bytes `serde_json::to_vec(entry)` gives, without serializing the action
+/// again).
+pub(super) fn entry_json(entry: &Entry) -> Result<Vec<u8>, serde_json::Error> {
+    let action = entry.action_json();
+    let meta = serde_json::to_vec(&entry.meta)?;
+    let mut json = Vec::with_capacity(action.len() + meta.len() + 20);
+    json.extend_from_slice(b"{\"action\":");
+    json.extend_from_slice(action.as_bytes());
+    json.extend_from_slice(b",\"meta\":");
+    json.extend_from_slice(&meta);
+    json.push(b'}');
+    Ok(json)
 }
 
 /// A printable form of a key for error messages.
@@ -320,9 +340,12 @@ mod tests {
         assert_eq!(decoded, entry);
         assert_eq!(
             decoded.action_json(),
-            serde_json::to_string(&entry.action).expect("encode action")
+            serde_json::to_string(entry.action()).expect("encode action")
         );
+        assert_eq!(entry_json(&entry).expect("encode"), stored);
+        assert_eq!(entry_json(&decoded).expect("encode"), stored);
         assert!(decode_entry(b"b", br#"{"action":{"type":"a"},"meta":{}}"#).is_err());
+        assert!(decode_entry(b"b", br#"{"action":[1],"meta":{"id":"1 a 0","time":1}}"#).is_err());
     }
 
     #[test]

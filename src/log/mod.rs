@@ -84,7 +84,7 @@ pub enum LogError {
 /// server CPU as with 512 MiB (15.3 s against 15.2-16.2 s) at 691 MB peak RSS instead of
 /// 765-780 MB, and with 64 MiB 15.6 s at 666 MB (bench/README, 2026-12-03 format 3).
 pub const CACHE_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
-/// Default memory budget of the decoded newest entries (see `recent`).
+/// Default memory budget of the newest entries kept in memory (see `recent`).
 pub const RECENT_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 
 /// What happened to one entry of an append.
@@ -205,7 +205,7 @@ pub struct LogOptions {
     pub writer_queue_len: usize,
     /// Bytes of sled's page cache (sled's own default is 1 GiB, too much for small hosts).
     pub cache_bytes: u64,
-    /// Memory budget, in estimated bytes, of the decoded newest entries that readers get
+    /// Memory budget, in estimated bytes, of the newest entries kept in memory that readers get
     /// without sled; 0 turns the window off.
     pub recent_bytes: usize,
     /// Most entries in one stored block.
@@ -244,7 +244,7 @@ struct Shared {
     group_commits: AtomicU64,
     /// Why the log refuses writes, once a write failed.
     poison: Mutex<Option<String>>,
-    /// The newest durable entries, decoded.
+    /// The newest durable entries, kept in memory.
     recent: RecentEntries,
     /// Told whether reads found their entry in `recent`.
     listener: Arc<dyn CommitListener>,

@@ -1,8 +1,8 @@
-//! Decoded copies of the newest durable entries.
+//! The newest durable entries, kept in memory.
 //!
 //! Readers of recent history (a subscription right after a storm, a reconnecting client's
 //! catch-up) mostly ask for entries committed seconds ago. Serving those from the `Arc`s the
-//! writer already holds skips a sled lookup and a JSON decode per entry; in a 5,000-client
+//! writer already holds skips a sled lookup and a decode of the stored record per entry; in a 5,000-client
 //! storm those two were a quarter of the pipeline thread. Older entries come from sled as
 //! before, so the window changes speed, never answers.
 
@@ -10,13 +10,15 @@ use crate::action::Entry;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Estimated memory of a decoded entry beyond twice its JSON text: the `Arc`, the meta's
-/// vectors and the action map's table.
-pub(super) const ENTRY_OVERHEAD_BYTES: usize = 256;
+/// Estimated memory of a kept entry beyond its stored JSON: the `Arc`ed `Entry` itself (a
+/// 256-byte allocation) and the heap blocks of its meta and action text.
+pub(super) const ENTRY_OVERHEAD_BYTES: usize = 320;
 
-/// Estimated bytes a decoded entry takes in memory, from the length of its stored JSON.
+/// Estimated bytes a kept entry takes in memory, from the length of its stored JSON. Kept
+/// entries hold their action as text only (`Entry::keep_json_only`), so the action and the
+/// meta's strings take about what their JSON does.
 pub(super) fn estimated_bytes(json_len: usize) -> usize {
-    ENTRY_OVERHEAD_BYTES.saturating_add(json_len.saturating_mul(2))
+    ENTRY_OVERHEAD_BYTES.saturating_add(json_len)
 }
 
 /// Whether readers are likely to ask for `entry` again soon: channel entries are read by every

@@ -51,15 +51,14 @@ impl Recorder {
 }
 
 fn entry(id: &str) -> Entry {
-    Entry {
-        action: json!({ "type": "test", "id": id }),
-        meta: Meta {
+    Entry::new(
+        json!({ "type": "test", "id": id }),
+        Meta {
             id: id.to_owned(),
             time: 1,
             ..Meta::default()
         },
-        json: Default::default(),
-    }
+    )
 }
 
 fn in_channels(id: &str, channels: &[&str]) -> Entry {

@@ -4,8 +4,8 @@
 use super::block::{encode_posting, BlockBuilder};
 use super::ids::{IdChanges, NodeHeads};
 use super::keys::{
-    block_key, index_prefixes, last_added_key, posting_key, setting_key, state_key, task_key,
-    ADDED_LEN_BYTES,
+    block_key, entry_json, index_prefixes, last_added_key, posting_key, setting_key, state_key,
+    task_key, ADDED_LEN_BYTES,
 };
 use super::recent::estimated_bytes;
 use super::replica::{GroupTasks, Replicated};
@@ -297,7 +297,7 @@ fn stage_tasks(tasks: Vec<TaskOp>, outcomes: &[AppendOutcome], batch: &mut Count
 /// The entry as stored (JSON with `meta.added` set) and its estimated memory in the window
 /// of recent entries.
 pub(super) fn encode_entry(entry: &Entry) -> Result<(Vec<u8>, usize), LogError> {
-    let json = serde_json::to_vec(entry).map_err(|error| LogError::Corrupt {
+    let json = entry_json(entry).map_err(|error| LogError::Corrupt {
         key: entry.meta.id.clone(),
         reason: format!("cannot encode the entry: {error}"),
     })?;
@@ -318,7 +318,9 @@ pub(super) struct GroupEntries {
 
 impl GroupEntries {
     /// Adds an entry the group stores (above every entry added before).
-    pub(super) fn push(&mut self, entry: Entry, json: Vec<u8>, bytes: usize) {
+    pub(super) fn push(&mut self, mut entry: Entry, json: Vec<u8>, bytes: usize) {
+        // Readers of stored entries send their text; few ever need the value again.
+        entry.keep_json_only();
         self.entries.push(Arc::new(entry));
         self.bytes.push(bytes);
         self.json.push(json);

@@ -155,16 +155,15 @@ mod tests {
     }
 
     fn entry(id: &str, time: i64) -> Entry {
-        Entry {
-            action: json!({"type": "a"}),
-            meta: Meta {
+        Entry::new(
+            json!({"type": "a"}),
+            Meta {
                 id: id.into(),
                 time,
                 subprotocol: 1,
                 ..Meta::default()
             },
-            json: Default::default(),
-        }
+        )
     }
 
     #[test]

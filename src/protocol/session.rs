@@ -447,16 +447,15 @@ impl Session {
             denied = Some("action id belongs to another client");
         }
         Ok(IncomingEntry {
-            entry: Entry {
+            entry: Entry::new(
                 action,
-                meta: Meta {
+                Meta {
                     id: id.to_string(),
                     time,
                     subprotocol,
                     ..Meta::default()
                 },
-                json: Default::default(),
-            },
+            ),
             denied,
         })
     }

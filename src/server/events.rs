@@ -185,7 +185,7 @@ fn next_batch(
             }
             events.push(json!({
                 "added": entry.meta.added,
-                "action": entry.action,
+                "action": entry.action(),
                 "meta": meta_json(&entry.meta),
             }));
         }

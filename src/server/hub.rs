@@ -313,17 +313,16 @@ mod tests {
     use serde_json::json;
 
     fn entry(id: &str, added: u64, channels: &[&str], clients: &[&str]) -> Arc<Entry> {
-        Arc::new(Entry {
-            action: json!({"type": "a"}),
-            meta: Meta {
+        Arc::new(Entry::new(
+            json!({"type": "a"}),
+            Meta {
                 id: id.into(),
                 added,
                 channels: channels.iter().map(|c| c.to_string()).collect(),
                 clients: clients.iter().map(|c| c.to_string()).collect(),
                 ..Meta::default()
             },
-            json: Default::default(),
-        })
+        ))
     }
 
     fn received(rx: &mut mpsc::Receiver<Outbound>) -> Vec<u64> {

@@ -55,7 +55,7 @@ impl Worker {
                 self.subscribe(entry, judged).await
             }
             "logux/unsubscribe" => {
-                match entry.action.get("channel").and_then(Value::as_str) {
+                match entry.action().get("channel").and_then(Value::as_str) {
                     Some(channel) => {
                         self.server.hub.unsubscribe(&self.conn, channel);
                         self.store_processed(judged, entry, AnswerIndex::ById);
@@ -82,7 +82,7 @@ impl Worker {
         in_flight: &mut InFlight,
     ) -> Result<(), PipelineError> {
         let user = self.conn.ids.user_id.as_deref();
-        match self.server.rules.check_action(&entry.action, user) {
+        match self.server.rules.check_action(entry.action(), user) {
             ActionDecision::Allowed { channels } => {
                 if let Some(rule) = self.server.rules.type_hooks(entry.action_type()) {
                     in_flight.settle().await?;
@@ -104,7 +104,7 @@ impl Worker {
     }
 
     async fn subscribe(&self, entry: Entry, judged: &mut Judged) -> Result<(), PipelineError> {
-        let Some(channel) = entry.action.get("channel").and_then(Value::as_str) else {
+        let Some(channel) = entry.action().get("channel").and_then(Value::as_str) else {
             self.undo(judged, entry, UndoReason::WrongChannel);
             return Ok(());
         };
@@ -150,20 +150,20 @@ impl Worker {
         }
         match sync_map {
             Some(SyncMapChannel::Object { plural, .. }) => {
-                self.subscribe_sync_map_object(channel, &plural, &entry.action)
+                self.subscribe_sync_map_object(channel, &plural, entry.action())
                     .await
             }
             Some(SyncMapChannel::Filter { plural }) => {
-                self.subscribe_sync_map_filter(&plural, &entry.action)
+                self.subscribe_sync_map_filter(&plural, entry.action())
                     .await?;
                 Ok(None)
             }
             None => {
                 if !self
-                    .subscribe_reducer_channel(channel, &entry.action)
+                    .subscribe_reducer_channel(channel, entry.action())
                     .await?
                 {
-                    self.channel_catchup(channel, entry.action.get("since"))
+                    self.channel_catchup(channel, entry.action().get("since"))
                         .await?;
                 }
                 match &hooks {
@@ -201,15 +201,15 @@ impl Worker {
         action.insert("type".into(), json!(op.finished_type(plural)));
         action.insert(
             "id".into(),
-            entry.action.get("id").cloned().unwrap_or(json!(id)),
+            entry.action().get("id").cloned().unwrap_or(json!(id)),
         );
         if op != SyncMapOp::Delete {
-            let fields = entry.action.get("fields").cloned().unwrap_or(json!({}));
+            let fields = entry.action().get("fields").cloned().unwrap_or(json!({}));
             action.insert("fields".into(), fields);
         }
         let author = entry.author_client_id().to_owned();
         let mut stored = entry;
-        stored.action = Value::Object(action);
+        stored.set_action(Value::Object(action));
         stored.meta.channels = match op {
             SyncMapOp::Delete => vec![key],
             SyncMapOp::Create | SyncMapOp::Change => vec![plural.to_owned(), key],
@@ -369,15 +369,15 @@ impl Worker {
         if let Some(frame) = text.and_then(|text| self.debug_text(&text)) {
             judged.debug.push(frame);
         }
-        let undo = answer::undo(&original.action, &original.meta.id, &reason);
+        let undo = answer::undo(original.action(), &original.meta.id, &reason);
         let own = original.author_client_id() == self.conn.ids.client_id;
         if own {
-            let mut meta = original.meta;
-            meta.channels.clear();
-            meta.users.clear();
-            meta.clients.clear();
-            meta.nodes.clear();
-            judged.entries.push(Entry::new(original.action, meta));
+            let mut stored = original;
+            stored.meta.channels.clear();
+            stored.meta.users.clear();
+            stored.meta.clients.clear();
+            stored.meta.nodes.clear();
+            judged.entries.push(stored);
         }
         judged.entries.push(self.answer(undo, own));
     }

@@ -50,11 +50,13 @@ pub fn decode(state: &[u8]) -> Option<State> {
 
 impl StateReducer for ObjectReducer {
     fn object_key(&self, entry: &Entry) -> Option<String> {
-        self.rules.object_of(&entry.action).map(|object| object.key)
+        self.rules
+            .object_of(entry.action())
+            .map(|object| object.key)
     }
 
     fn reduce(&self, key: &str, state: Option<&[u8]>, entry: &Entry) -> Option<Vec<u8>> {
-        let object = self.rules.object_of(&entry.action)?;
+        let object = self.rules.object_of(entry.action())?;
         let mut current = match state {
             Some(bytes) => match decode(bytes) {
                 Some(state) => state,
@@ -72,7 +74,7 @@ impl StateReducer for ObjectReducer {
             },
         };
         let op = OpId::from_meta(&entry.meta.id, entry.meta.time)?;
-        match crdt::apply(&mut current, &entry.action, &op) {
+        match crdt::apply(&mut current, entry.action(), &op) {
             Ok(Applied::Changed) => serde_json::to_vec(&current).ok(),
             Ok(Applied::NoEffect) => None,
             Err(error) => {
@@ -105,16 +107,15 @@ impl Worker {
     /// A server-created action that is sent, not stored.
     pub(super) fn unstored(&self, action: Value, time: i64) -> Arc<Entry> {
         let (id, _) = self.server.next_action_id();
-        Arc::new(Entry {
+        Arc::new(Entry::new(
             action,
-            meta: Meta {
+            Meta {
                 id,
                 time,
                 subprotocol: self.server.config.subprotocol,
                 ..Meta::default()
             },
-            json: Default::default(),
-        })
+        ))
     }
 
     /// The `<plural>/changed` actions that bring a client up to date with one object:

@@ -328,7 +328,7 @@ impl ProcessLoops {
         };
         let reply = match &undone {
             None => answer::processed(&original.meta.id),
-            Some(reason) => answer::undo(&original.action, &original.meta.id, reason),
+            Some(reason) => answer::undo(original.action(), &original.meta.id, reason),
         };
         let mut entries: Vec<Entry> = actions
             .into_iter()
@@ -389,7 +389,7 @@ fn hook_body(entry: &Entry, saved: &Value) -> Value {
             body.insert(key.into(), value.clone());
         }
     }
-    body.insert("action".into(), entry.action.clone());
+    body.insert("action".into(), entry.action().clone());
     body.insert("meta".into(), meta_json(&entry.meta));
     Value::Object(body)
 }

@@ -178,7 +178,7 @@ fn read_channel(server: &Server, query: &str) -> ApiResult {
     let actions: Vec<Value> = entries
         .iter()
         .map(|entry| {
-            json!({"added": entry.meta.added, "action": entry.action, "meta": meta_json(&entry.meta)})
+            json!({"added": entry.meta.added, "action": entry.action(), "meta": meta_json(&entry.meta)})
         })
         .collect();
     Ok(json!({"actions": actions, "next": next}))
