@@ -153,7 +153,7 @@ pub struct Entry {
 }
 
 /// An action as a value, as JSON text, or both; at least one is always set.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct ActionBody {
     /// The action object; always has a string `type`.
     value: OnceLock<Value>,
@@ -162,14 +162,20 @@ struct ActionBody {
     json: OnceLock<Arc<str>>,
 }
 
+impl ActionBody {
+    fn from_value(action: Value) -> ActionBody {
+        ActionBody {
+            value: OnceLock::from(action),
+            json: OnceLock::new(),
+        }
+    }
+}
+
 impl Entry {
     /// An entry for `action`, its JSON text made on first use.
     pub fn new(action: Value, meta: Meta) -> Entry {
         Entry {
-            action: ActionBody {
-                value: OnceLock::from(action),
-                json: OnceLock::new(),
-            },
+            action: ActionBody::from_value(action),
             meta,
         }
     }
@@ -198,21 +204,7 @@ impl Entry {
 
     /// Replaces the action (its JSON text is made again on first use).
     pub fn set_action(&mut self, action: Value) {
-        self.action = ActionBody {
-            value: OnceLock::from(action),
-            json: OnceLock::new(),
-        };
-    }
-
-    /// The action object, taken out of the entry.
-    pub fn into_action(self) -> Value {
-        match self.action.value.into_inner() {
-            Some(value) => value,
-            None => {
-                let text = self.action.json.get().map_or("null", |json| &**json);
-                serde_json::from_str(text).unwrap_or(Value::Null)
-            }
-        }
+        self.action = ActionBody::from_value(action);
     }
 
     /// Drops the decoded action and keeps only its JSON text (made now if missing): an entry
@@ -333,7 +325,7 @@ mod tests {
             entry.action(),
             &serde_json::json!({"type": "a", "n": 1.5, "s": "é"})
         );
-        assert_eq!(entry.clone().into_action()["s"], "é");
+        assert_eq!(entry.action()["s"], "é");
     }
 
     #[test]
@@ -347,7 +339,7 @@ mod tests {
             serde_json::to_string(&action).expect("encode")
         );
         assert_eq!(entry, before);
-        assert_eq!(entry.into_action(), action);
+        assert_eq!(entry.action(), &action);
     }
 
     #[test]

@@ -117,7 +117,8 @@ pub struct Limits {
     pub pipeline_backlog_bytes: usize,
     /// Size of the log's page cache (sled), in bytes.
     pub log_cache_bytes: u64,
-    /// Memory budget, in estimated bytes, of the newest entries kept in memory; 0 turns it off.
+    /// Memory budget, in estimated bytes, of the newest entries kept in memory; 0 turns it
+    /// off.
     pub log_recent_bytes: usize,
 }
 

@@ -205,8 +205,8 @@ pub struct LogOptions {
     pub writer_queue_len: usize,
     /// Bytes of sled's page cache (sled's own default is 1 GiB, too much for small hosts).
     pub cache_bytes: u64,
-    /// Memory budget, in estimated bytes, of the newest entries kept in memory that readers get
-    /// without sled; 0 turns the window off.
+    /// Memory budget, in estimated bytes, of the newest entries kept in memory, which readers
+    /// get without sled; 0 turns the window off.
     pub recent_bytes: usize,
     /// Most entries in one stored block.
     pub block_entries_max: usize,

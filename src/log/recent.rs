@@ -2,9 +2,9 @@
 //!
 //! Readers of recent history (a subscription right after a storm, a reconnecting client's
 //! catch-up) mostly ask for entries committed seconds ago. Serving those from the `Arc`s the
-//! writer already holds skips a sled lookup and a decode of the stored record per entry; in a 5,000-client
-//! storm those two were a quarter of the pipeline thread. Older entries come from sled as
-//! before, so the window changes speed, never answers.
+//! writer already holds skips a sled lookup and a decode of the stored record per entry; in a
+//! 5,000-client storm those two were a quarter of the pipeline thread. Older entries come from
+//! sled as before, so the window changes speed, never answers.
 
 use crate::action::Entry;
 use std::collections::VecDeque;
